@@ -1,0 +1,107 @@
+"""Reading safetensors checkpoints into NumPy, memory-mapped.
+
+The format (https://github.com/huggingface/safetensors#format) is an 8-byte
+little-endian header length N, N bytes of JSON `{name: {dtype, shape, data_offsets}}`,
+then the raw little-endian tensor bytes. We map the file and take views into it, so a
+float32 checkpoint costs no copy: the OS pages weights in as the forward pass reads
+them, and peak memory stays near the size of the weights.
+
+NumPy has no bfloat16; a bfloat16 tensor is widened to float32 exactly, by putting its
+16 bits in the top half of a float32. A sharded checkpoint
+(`model.safetensors.index.json` + shards) reads as one dictionary.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LLMRuntimeError
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of one .safetensors file, as read-only arrays (bfloat16 -> float32)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError, struct.error) as e:
+        raise LLMRuntimeError(f"{path}: not a readable safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
+            start, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise LLMRuntimeError(f"{path}: tensor {name!r} has a bad header entry {info!r}") from e
+        count = int(np.prod(shape, dtype=np.int64))
+        if end - start != count * dtype.itemsize or 8 + n + end > raw.size:
+            raise LLMRuntimeError(f"{path}: tensor {name!r} {info['dtype']}{list(shape)} does not fit its data_offsets {[start, end]}")
+        a = raw[8 + n + start : 8 + n + end].view(dtype).reshape(shape)
+        if info["dtype"] == "BF16":
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        tensors[name] = a
+    return tensors
+
+
+def load_checkpoint(model_dir: str | Path) -> dict[str, np.ndarray]:
+    """The state dict of a model directory: model.safetensors, or an index and its shards."""
+    model_dir = Path(model_dir)
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return read_safetensors(single)
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LLMRuntimeError(f"{index}: not a readable safetensors index ({e})") from e
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(read_safetensors(model_dir / shard))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise LLMRuntimeError(f"{index}: tensors listed but absent from the shards: {missing[:5]}")
+        return tensors
+    raise LLMRuntimeError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+class StrictLoader:
+    """Takes the tensors a model needs, by name and shape, and names what is wrong.
+
+    `take(name, shape)` returns the tensor cast to the model's dtype; `finish()` raises
+    if any tensor of the checkpoint was never taken (an unexpected key).
+    """
+
+    def __init__(self, tensors: dict[str, np.ndarray], dtype, source: str, ignore_prefixes=()):
+        self.tensors, self.dtype, self.source = tensors, np.dtype(dtype), source
+        self.ignore_prefixes = tuple(ignore_prefixes)
+        self.taken: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self.tensors:
+            raise LLMRuntimeError(f"{self.source}: missing tensor {name!r} (expected shape {list(shape)})")
+        t = self.tensors[name]
+        if tuple(t.shape) != tuple(shape):
+            raise LLMRuntimeError(f"{self.source}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
+        self.taken.add(name)
+        # float32 on disk and float32 wanted: keep the memory-mapped view (no copy).
+        return t if t.dtype == self.dtype else t.astype(self.dtype)
+
+    def finish(self) -> None:
+        extra = sorted(k for k in self.tensors if k not in self.taken and not k.startswith(self.ignore_prefixes))
+        if extra:
+            raise LLMRuntimeError(f"{self.source}: unexpected tensors {extra[:8]}{' ...' if len(extra) > 8 else ''}")

@@ -1,0 +1,198 @@
+"""The Llama decoder in NumPy, one forward pass from token ids to logits.
+
+Follows Hugging Face's `modeling_llama.py` (LlamaForCausalLM) and Meta's reference
+`llama/model.py` (Touvron et al. 2023, "LLaMA" and "Llama 2"):
+
+    h = embed_tokens[ids]
+    for each layer:
+        h = h + o_proj(attention(rope(q_proj(rms_norm(h))), rope(k_proj(.)), v_proj(.)))
+        h = h + down_proj(silu(gate_proj(rms_norm(h))) * up_proj(rms_norm(h)))
+    logits = lm_head(rms_norm(h))          # lm_head = embed_tokens when tied
+
+- RMSNorm (Zhang & Sennrich 2019) before attention and MLP, and at the end.
+- RoPE (Su et al. 2021) in the rotate-half layout of Hugging Face checkpoints, with
+  the `default`, `linear` and `llama3` frequency scalings.
+- Grouped-query attention (Ainslie et al. 2023): NKV key/value heads shared by NH
+  query heads, never materialised NH times.
+- SwiGLU MLP (Shazeer 2020).
+- A preallocated KV cache, so decoding one token costs one pass over the weights.
+
+Weight names are the safetensors keys; shape letters are defined in `refllm.config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import ops
+from .checkpoint import StrictLoader, load_checkpoint
+from .config import LlamaConfig
+from .errors import LLMRuntimeError
+
+
+@dataclass
+class LlamaLayer:
+    input_layernorm: np.ndarray  # [D]
+    q_proj: np.ndarray  # [NH*HD, D]
+    k_proj: np.ndarray  # [NKV*HD, D]
+    v_proj: np.ndarray  # [NKV*HD, D]
+    o_proj: np.ndarray  # [D, NH*HD]
+    post_attention_layernorm: np.ndarray  # [D]
+    gate_proj: np.ndarray  # [F, D]
+    up_proj: np.ndarray  # [F, D]
+    down_proj: np.ndarray  # [D, F]
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far.
+
+    Fixed buffers of `max_len` positions, allocated once in the model's dtype; `pos` is
+    the number of positions filled. A forward pass over T new tokens writes positions
+    pos .. pos+T-1 of every layer, then advances `pos` by T.
+    """
+
+    def __init__(self, config: LlamaConfig, max_len: int, dtype=np.float32):
+        shape = (config.num_hidden_layers, max_len, config.num_key_value_heads, config.head_dim)
+        self.k = np.zeros(shape, dtype=dtype)  # [L, max_len, NKV, HD]
+        self.v = np.zeros(shape, dtype=dtype)  # [L, max_len, NKV, HD]
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k, v):  # [T, NKV, HD] x2 -> [S, NKV, HD] x2, S = pos + T
+        T = k.shape[0]
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos} + {T} positions > {self.max_len}")
+        self.k[layer, self.pos : self.pos + T] = k
+        self.v[layer, self.pos : self.pos + T] = v
+        return self.k[layer, : self.pos + T], self.v[layer, : self.pos + T]
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+class Llama:
+    """A Llama-family causal language model.
+
+    >>> model = Llama.from_pretrained("path/to/model")
+    >>> logits = model([1, 2, 3])            # [T, V], every position
+    """
+
+    backend = "numpy"
+
+    def __init__(self, config: LlamaConfig, embed_tokens, layers: list[LlamaLayer], norm, lm_head, dtype=np.float32):
+        self.config = config
+        self.dtype = np.dtype(dtype)
+        self.embed_tokens = embed_tokens  # [V, D]
+        self.layers = layers
+        self.norm = norm  # [D]
+        self.lm_head = lm_head  # [V, D], the same array as embed_tokens when tied
+        self.inv_freq = ops.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)  # [HD/2] float64
+
+    # ---------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(cls, model_dir, dtype=np.float32, backend: str | None = None):
+        """Load config.json and the safetensors weights of `model_dir`, strictly.
+
+        Every tensor the architecture needs must be present with its shape; a tensor the
+        architecture does not use is an error too. `backend` is chosen by
+        `refllm.backend.resolve_backend` ("numpy" here; "triton" on CUDA).
+        """
+        from .backend import resolve_backend
+
+        if resolve_backend(backend) == "triton":
+            from .llama_triton import TritonLlama
+
+            return TritonLlama.from_pretrained(model_dir, dtype=dtype)
+        model_dir = Path(model_dir)
+        try:
+            config = LlamaConfig.from_file(model_dir / "config.json")
+        except ValueError as e:
+            raise LLMRuntimeError(f"{model_dir / 'config.json'}: {e}") from e
+        return cls.from_state_dict(config, load_checkpoint(model_dir), dtype=dtype, source=str(model_dir))
+
+    @classmethod
+    def from_state_dict(cls, config: LlamaConfig, tensors, dtype=np.float32, source="state dict"):
+        c = config
+        D, F, V = c.hidden_size, c.intermediate_size, c.vocab_size
+        NH, NKV, HD = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        w = StrictLoader(tensors, dtype, source, ignore_prefixes=("model.rotary_emb.",))
+        layers = []
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            layers.append(
+                LlamaLayer(
+                    input_layernorm=w.take(p + "input_layernorm.weight", (D,)),
+                    q_proj=w.take(p + "self_attn.q_proj.weight", (NH * HD, D)),
+                    k_proj=w.take(p + "self_attn.k_proj.weight", (NKV * HD, D)),
+                    v_proj=w.take(p + "self_attn.v_proj.weight", (NKV * HD, D)),
+                    o_proj=w.take(p + "self_attn.o_proj.weight", (D, NH * HD)),
+                    post_attention_layernorm=w.take(p + "post_attention_layernorm.weight", (D,)),
+                    gate_proj=w.take(p + "mlp.gate_proj.weight", (F, D)),
+                    up_proj=w.take(p + "mlp.up_proj.weight", (F, D)),
+                    down_proj=w.take(p + "mlp.down_proj.weight", (D, F)),
+                )
+            )
+        embed_tokens = w.take("model.embed_tokens.weight", (V, D))
+        norm = w.take("model.norm.weight", (D,))
+        if c.tie_word_embeddings and not w.has("lm_head.weight"):
+            lm_head = embed_tokens
+        else:
+            lm_head = w.take("lm_head.weight", (V, D))
+        w.finish()
+        return cls(c, embed_tokens, layers, norm, lm_head, dtype=dtype)
+
+    # ---------------------------------------------------------------- forward
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        return KVCache(self.config, max_len or self.config.max_position_embeddings, self.dtype)
+
+    def __call__(self, ids, cache: KVCache | None = None, last_only: bool = False):  # [T] -> [T, V] (or [1, V])
+        """Logits for `ids`, the tokens at positions cache.pos .. cache.pos + T - 1.
+
+        Without a cache the ids are the whole sequence. With one, the keys and values of
+        these tokens are appended to it. `last_only` computes the head for the last
+        position alone, which is all that generation needs.
+        """
+        c = self.config
+        ids = np.asarray(ids, dtype=np.int64)  # [T]
+        T = ids.shape[0]
+        if T == 0:
+            raise ValueError("no tokens to run")
+        if ids.min() < 0 or ids.max() >= c.vocab_size:
+            raise ValueError(f"token id out of range [0, {c.vocab_size})")
+        if cache is None:
+            cache = self.new_cache(T)
+        start = cache.pos
+        cos, sin = ops.rope_tables(np.arange(start, start + T), self.inv_freq, self.dtype)  # [T, HD] x2
+
+        h = self.embed_tokens[ids].astype(self.dtype)  # [T, D]
+        for i, layer in enumerate(self.layers):
+            h = h + self.attention(i, layer, ops.rms_norm(h, layer.input_layernorm, c.rms_norm_eps), cos, sin, cache, start)
+            h = h + self.mlp(layer, ops.rms_norm(h, layer.post_attention_layernorm, c.rms_norm_eps))
+        cache.advance(T)
+
+        if last_only:
+            h = h[-1:]  # [1, D]
+        h = ops.rms_norm(h, self.norm, c.rms_norm_eps)  # [T, D]
+        return h @ self.lm_head.T  # [T, V]
+
+    def attention(self, i, layer: LlamaLayer, x, cos, sin, cache: KVCache, start: int):  # [T, D] -> [T, D]
+        c = self.config
+        T = x.shape[0]
+        q = (x @ layer.q_proj.T).reshape(T, c.num_attention_heads, c.head_dim)  # [T, NH, HD]
+        k = (x @ layer.k_proj.T).reshape(T, c.num_key_value_heads, c.head_dim)  # [T, NKV, HD]
+        v = (x @ layer.v_proj.T).reshape(T, c.num_key_value_heads, c.head_dim)  # [T, NKV, HD]
+        q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+        keys, values = cache.update(i, k, v)  # [S, NKV, HD] x2
+        out = ops.causal_attention(q, keys, values, start)  # [T, NH, HD]
+        return out.reshape(T, -1) @ layer.o_proj.T  # [T, D]
+
+    def mlp(self, layer: LlamaLayer, x):  # [T, D] -> [T, D]
+        return (ops.silu(x @ layer.gate_proj.T) * (x @ layer.up_proj.T)) @ layer.down_proj.T

@@ -1,0 +1,128 @@
+"""The operators of both models, in plain NumPy.
+
+These are the reference: every Triton kernel in `refllm.kernels` is tested against the
+function here with the same name. Each is a few lines whose shape comment reads
+`[in] -> [out]` with the letters of `refllm.config`.
+
+Precision policy (the whole of it):
+- Tensors stay in the dtype they come in (float32 by default, float64 on request);
+  NumPy's reductions (`mean`, `sum`, `@`) accumulate in that dtype.
+- The RoPE angles `position * inv_freq` are computed in float64 and then cast, so the
+  tables are the correctly rounded cos/sin of the exact angle.
+- softmax subtracts the row max before `exp`; masked scores are `-inf`, and a row is
+  never fully masked (causal attention always sees itself, BERT always sees [CLS]).
+- GELU is the exact erf form (`gelu`) unless a config names the tanh form
+  (`gelu_tanh`, transformers' `gelu_new` / `gelu_pytorch_tanh`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import erf
+
+
+def rms_norm(x, weight, eps):  # [..., D], [D] -> [..., D]
+    """RMSNorm (Zhang & Sennrich 2019), as Llama: x / sqrt(mean(x^2) + eps) * weight."""
+    ms = np.mean(x * x, axis=-1, keepdims=True)  # [..., 1]
+    return x / np.sqrt(ms + eps) * weight
+
+
+def layer_norm(x, weight, bias, eps):  # [..., H], [H], [H] -> [..., H]
+    """LayerNorm (Ba et al. 2016) with the biased variance, as torch.nn.LayerNorm."""
+    mean = np.mean(x, axis=-1, keepdims=True)  # [..., 1]
+    xc = x - mean  # [..., H]
+    var = np.mean(xc * xc, axis=-1, keepdims=True)  # [..., 1]
+    return xc / np.sqrt(var + eps) * weight + bias
+
+
+def softmax(x, axis=-1):  # [..., N] -> [..., N]
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def silu(x):  # [...] -> [...]
+    """x * sigmoid(x), written to stay finite for large |x|."""
+    return x / (1 + np.exp(-x))
+
+
+def gelu(x):  # [...] -> [...]
+    """Exact GELU (Hendrycks & Gimpel 2016): x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))."""
+    return (0.5 * x * (1 + erf(x / np.sqrt(2).astype(x.dtype)))).astype(x.dtype, copy=False)
+
+
+def gelu_tanh(x):  # [...] -> [...]
+    """The tanh approximation of GELU (BERT's original TF code, transformers' gelu_new)."""
+    c = np.sqrt(2 / np.pi).astype(x.dtype)
+    return 0.5 * x * (1 + np.tanh(c * (x + 0.044715 * x * x * x)))
+
+
+def rope_inv_freq(head_dim, theta, rope_scaling=None):  # -> [HD/2] float64
+    """The RoPE frequencies (Su et al. 2021, RoFormer) with transformers' scaling types.
+
+    default: inv_freq[i] = theta ** (-2i / HD)
+    linear:  inv_freq / factor (positions stretched by `factor`)
+    llama3:  long wavelengths divided by `factor`, short ones kept, a smooth ramp
+             between (transformers' `_compute_llama3_parameters`).
+    """
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [HD/2]
+    scaling = rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * np.pi / inv_freq  # [HD/2]
+        scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return np.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+def rope_tables(positions, inv_freq, dtype):  # [T], [HD/2] -> [T, HD], [T, HD]
+    """cos and sin of every (position, frequency) angle, in rotate-half layout."""
+    angles = np.outer(np.asarray(positions, dtype=np.float64), inv_freq)  # [T, HD/2]
+    angles = np.concatenate([angles, angles], axis=-1)  # [T, HD]
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+def rope(x, cos, sin):  # [T, N, HD], [T, HD], [T, HD] -> [T, N, HD]
+    """Rotary embedding, Hugging Face's rotate-half convention (GPT-NeoX style):
+    dims i and i + HD/2 form a pair, rotated by angle position * inv_freq[i]."""
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # [T, N, HD]
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def causal_attention(q, k, v, start_pos):  # [T, NH, HD], [S, NKV, HD], [S, NKV, HD] -> [T, NH, HD]
+    """Scaled dot-product attention with grouped-query heads and a causal mask.
+
+    Query t sits at absolute position start_pos + t and sees keys 0 .. start_pos + t.
+    Query head h reads key/value head h // (NH / NKV), without copying K or V.
+    """
+    T, NH, HD = q.shape
+    S, NKV, _ = k.shape
+    G = NH // NKV  # query heads per key/value head
+    qg = q.reshape(T, NKV, G, HD).transpose(1, 2, 0, 3)  # [NKV, G, T, HD]
+    kt = k.transpose(1, 2, 0)[:, None]  # [NKV, 1, HD, S]
+    vt = v.transpose(1, 0, 2)[:, None]  # [NKV, 1, S, HD]
+    scores = (qg @ kt) * q.dtype.type(1 / np.sqrt(HD))  # [NKV, G, T, S]
+    if T > 1:
+        visible = np.arange(S)[None, :] <= start_pos + np.arange(T)[:, None]  # [T, S]
+        scores = np.where(visible, scores, -np.inf)
+    out = softmax(scores) @ vt  # [NKV, G, T, HD]
+    return out.transpose(2, 0, 1, 3).reshape(T, NH, HD)
+
+
+def masked_attention(q, k, v, mask):  # [B, NH, T, HD] x3, [B, T] -> [B, NH, T, HD]
+    """BERT's bidirectional attention; keys where mask == 0 (padding) are ignored."""
+    HD = q.shape[-1]
+    scores = (q @ k.swapaxes(-1, -2)) * q.dtype.type(1 / np.sqrt(HD))  # [B, NH, T, T]
+    scores = np.where(mask[:, None, None, :] > 0, scores, -np.inf)
+    return softmax(scores) @ v
