@@ -1,0 +1,245 @@
+"""Text generation: a loaded model, prefill, decode, stop, stream (SPEC.md section 2).
+
+    prompt --tokenize--> ids --prefill--> logits --sample--> token --decode_one--> ...
+
+`prefill` runs the whole prompt through the model once, filling the KV cache;
+`decode_one` runs one new token. `generate_steps` is the loop, yielding one `Step`
+(the token, the draw `u` that chose it, the logits it was chosen from) per sampled
+token until a stop condition; `Generation` turns those steps into streamed text and
+usage. Nothing here knows about HTTP or Spin's error names beyond `InvalidInputError`.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import sampling
+from .chat import render_chat
+from .config import read_json
+from .errors import InvalidInputError, LLMRuntimeError
+from .llama import Llama
+from .types import InferencingParams, InferencingResult, InferencingUsage
+
+
+@dataclass
+class LoadedLLM:
+    """A decoder with everything generation needs beside the weights."""
+
+    name: str
+    model: Llama
+    tokenizer: "tokenizers.Tokenizer"  # noqa: F821
+    eos_token_ids: frozenset[int]
+    context_length: int
+    chat_template: str | None = None
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, ...
+
+    @classmethod
+    def from_dir(cls, model_dir, dtype=np.float32, backend: str | None = None, name: str | None = None) -> "LoadedLLM":
+        from tokenizers import Tokenizer
+
+        model_dir = Path(model_dir)
+        model = Llama.from_pretrained(model_dir, dtype=dtype, backend=backend)
+        try:
+            tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        except Exception as e:
+            raise LLMRuntimeError(f"{model_dir / 'tokenizer.json'}: cannot load the tokenizer ({e})") from e
+        tok_config = read_json(model_dir / "tokenizer_config.json") if (model_dir / "tokenizer_config.json").is_file() else {}
+        special = {k: _token_str(tok_config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        special = {k: v for k, v in special.items() if v is not None}
+        return cls(
+            name=name or model_dir.name,
+            model=model,
+            tokenizer=tokenizer,
+            eos_token_ids=_eos_ids(model_dir, model.config.eos_token_id, tokenizer),
+            context_length=model.config.max_position_embeddings,
+            chat_template=tok_config.get("chat_template") if isinstance(tok_config.get("chat_template"), str) else None,
+            special_tokens=special,
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, special tokens (the BOS) added by the tokenizer."""
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        return render_chat(self.chat_template, messages, add_generation_prompt, **self.special_tokens)
+
+
+def _token_str(t):
+    if isinstance(t, dict):  # AddedToken serialised as {"content": ...}
+        t = t.get("content")
+    return t if isinstance(t, str) else None
+
+
+def _eos_ids(model_dir: Path, from_config, tokenizer) -> frozenset[int]:
+    """config.json's eos_token_id (int or list), else generation_config.json's, else `</s>`."""
+    ids = from_config
+    if ids is None and (model_dir / "generation_config.json").is_file():
+        ids = read_json(model_dir / "generation_config.json").get("eos_token_id")
+    if ids is None:
+        ids = tokenizer.token_to_id("</s>")
+    if ids is None:
+        raise LLMRuntimeError(f"{model_dir}: no eos_token_id in config.json or generation_config.json, and no </s> token")
+    return frozenset([ids] if isinstance(ids, int) else ids)
+
+
+# ------------------------------------------------------------------ validation
+
+def validate_params(params: InferencingParams) -> None:
+    """SPEC 2.2: invalid-input naming the field and the value."""
+    for name in ("repeat_penalty", "temperature", "top_p"):
+        value = getattr(params, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidInputError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise InvalidInputError(f"{name} must be finite, got {value!r}")
+    for name in ("max_tokens", "repeat_penalty_last_n_token_count", "top_k"):
+        value = getattr(params, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**32:
+            raise InvalidInputError(f"{name} must be an integer in [0, 2^32), got {value!r}")
+    if params.repeat_penalty <= 0:
+        raise InvalidInputError(f"repeat_penalty must be > 0, got {params.repeat_penalty!r}")
+    if params.top_k == 0:
+        raise InvalidInputError("top_k must be > 0, got 0")
+
+
+def validate_prompt(llm: LoadedLLM, prompt_ids: Sequence[int]) -> None:
+    if len(prompt_ids) == 0:
+        raise InvalidInputError("prompt tokenizes to zero tokens")
+    if len(prompt_ids) > llm.context_length:
+        raise InvalidInputError(
+            f"prompt is {len(prompt_ids)} tokens, longer than the model's context of {llm.context_length} tokens"
+        )
+
+
+# ------------------------------------------------------------------ the loop
+
+@dataclass
+class Step:
+    token: int  # the sampled token id
+    u: float | None  # the draw that chose it (None on the greedy path)
+    logits: np.ndarray  # [V] float32, the model's logits it was chosen from (before the penalty)
+
+
+def prefill(model, prompt_ids, cache):  # [T] -> [V]
+    """Run the whole prompt, filling the cache; the logits of the last position."""
+    return model(prompt_ids, cache, last_only=True)[0]
+
+
+def decode_one(model, token: int, cache):  # () -> [V]
+    """Run one new token at position cache.pos; its logits."""
+    return model([token], cache, last_only=True)[0]
+
+
+def generate_steps(llm: LoadedLLM, prompt_ids: Sequence[int], params: InferencingParams, rng) -> Iterator[Step]:
+    """Sample up to max_tokens tokens; stop after an EOS or when the context is full.
+
+    One draw of `rng` is consumed per token on the sampling path, none when greedy.
+    """
+    ids = list(prompt_ids)
+    if params.max_tokens == 0:
+        return
+    cache = llm.model.new_cache(min(llm.context_length, len(ids) + params.max_tokens))
+    logits = prefill(llm.model, ids, cache)
+    for n in range(params.max_tokens):
+        logits = np.asarray(logits, dtype=np.float32)
+        u = rng.random() if sampling.needs_draw(params) else None
+        token = sampling.sample_token(logits, ids, params, u)
+        ids.append(token)
+        yield Step(token, u, logits)
+        if token in llm.eos_token_ids or n + 1 == params.max_tokens or len(ids) >= llm.context_length:
+            return
+        logits = decode_one(llm.model, token, cache)
+
+
+class Generation:
+    """One `infer` call: iterate it for text pieces, then read `.result`.
+
+    Pieces never split a UTF-8 character (a piece is emitted only once the decoded
+    text no longer ends in a partial character), never show the start of a stop
+    string that may still complete, and concatenate to `result.text`.
+    """
+
+    def __init__(self, llm: LoadedLLM, prompt: str, params: InferencingParams | None = None, *,
+                 seed: int | None = None, stop: Sequence[str] = (), prompt_ids: Sequence[int] | None = None):
+        self.llm = llm
+        self.params = params or InferencingParams()
+        validate_params(self.params)
+        if isinstance(stop, str):
+            stop = [stop]
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise InvalidInputError("stop strings must be non-empty strings")
+        self.stop = list(stop)
+        self.prompt_ids = list(prompt_ids) if prompt_ids is not None else llm.encode(prompt)
+        validate_prompt(llm, self.prompt_ids)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed = int(seed) if seed is not None else secrets.randbits(64)
+        self.steps: list[Step] = []
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None
+        self._text = ""  # decoded text of the tokens so far (up to a stop string)
+        self._emitted = 0  # characters of _text already yielded
+        self._done = False
+
+    def __iter__(self) -> Iterator[str]:
+        if self._done:
+            return
+        params = self.params
+        rng = sampling.make_rng(self.seed)
+        hold = max((len(s) for s in self.stop), default=1) - 1  # chars a stop string could still claim
+        for step in generate_steps(self.llm, self.prompt_ids, params, rng):
+            self.steps.append(step)
+            self.tokens.append(step.token)
+            text = self.llm.decode(self.tokens)
+            if step.token in self.llm.eos_token_ids:
+                self.finish_reason = "eos"
+            cut = self._find_stop(text)
+            if cut is not None:
+                self._text, self.finish_reason = text[:cut], "stop"
+                break
+            self._text = text
+            if text.endswith("\ufffd"):  # a partial UTF-8 character: wait for its other bytes
+                continue
+            safe = len(text) - hold
+            if safe > self._emitted:
+                yield text[self._emitted : safe]
+                self._emitted = safe
+        if self.finish_reason is None:
+            if len(self.tokens) >= params.max_tokens:
+                self.finish_reason = "length"
+            else:
+                self.finish_reason = "context"
+        if len(self._text) > self._emitted:
+            yield self._text[self._emitted :]
+            self._emitted = len(self._text)
+        self._done = True
+
+    def _find_stop(self, text: str) -> int | None:
+        hits = [(i, s) for s in self.stop if (i := text.find(s)) >= 0]
+        if not hits:
+            return None
+        i, s = min(hits)
+        self.stop_sequence = s
+        return i
+
+    def run(self) -> InferencingResult:
+        for _ in self:
+            pass
+        return self.result
+
+    @property
+    def result(self) -> InferencingResult:
+        if not self._done:
+            raise RuntimeError("the generation has not finished: iterate it or call run() first")
+        usage = InferencingUsage(prompt_token_count=len(self.prompt_ids), generated_token_count=len(self.tokens))
+        return InferencingResult(text=self._text, usage=usage, seed=self.seed, finish_reason=self.finish_reason)
