@@ -1,0 +1,410 @@
+"""A llama.cpp GGUF file -> a Hugging Face Llama model directory, in float32.
+
+    convert(gguf_path, out_dir)   writes, into an existing empty out_dir:
+        config.json              LlamaForCausalLM fields, named as transformers names them
+        model.safetensors        every tensor dequantized to float32, under its HF name
+        tokenizer.json           byte-level BPE rebuilt from the GGUF's vocabulary and merges
+        tokenizer_config.json    chat template, special token strings, add_bos/eos flags
+        generation_config.json   bos_token_id, eos_token_id
+
+What a GGUF holds (spec: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
+metadata key/values (`llama.block_count`, `tokenizer.ggml.tokens`, ...) and tensors
+whose shape is listed innermost-first (`ne[0]` is the row length), so the GGUF shape
+`[576, 1536]` is the NumPy / PyTorch shape `(1536, 576)`. The `gguf` package's
+`GGUFReader` already hands the data over in NumPy order, and `gguf.quants.dequantize`
+turns a quantized block array (Q4_1, Q8_0, ...) into float32 of that shape.
+
+Three things the conversion has to undo or rebuild:
+
+1. Names. llama.cpp renames every tensor (`blk.3.attn_q.weight`); `HF_NAMES` maps them
+   back to transformers' `model.layers.3.self_attn.q_proj.weight`.
+
+2. The Q/K row permutation. Hugging Face Llama checkpoints apply RoPE in the
+   "rotate-half" layout (dimension i is paired with i + head_dim/2); llama.cpp applies it
+   to adjacent pairs (2i, 2i+1). When llama.cpp's `convert_hf_to_gguf.py` writes a Llama
+   model it therefore reorders the rows of `q_proj` and `k_proj` inside every head:
+
+       def permute(weights, n_head, n_head_kv):          # convert_hf_to_gguf.py, LlamaModel
+           if n_head_kv is not None and n_head != n_head_kv:
+               n_head = n_head_kv
+           return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+                   .swapaxes(1, 2)
+                   .reshape(weights.shape))
+
+   called with `n_head` for attn_q and `n_head_kv` for attn_k. `unpermute` below is its
+   inverse. Without it the model still runs but attends to the wrong positions and its
+   generations drift after a few tokens.
+
+3. The tokenizer. A GGUF has no tokenizer.json; it has `tokenizer.ggml.model` ("gpt2" =
+   byte-level BPE), the vocabulary, the merges, a type per token (CONTROL tokens such as
+   `<|im_start|>` are matched whole and are special) and `tokenizer.ggml.pre`, the name
+   of llama.cpp's pre-tokenizer (the regex that splits text before BPE; see
+   `llama-vocab.cpp`). We rebuild the same pipeline with the `tokenizers` library. The
+   result must give the token ids of transformers' own GGUF loader
+   (`transformers/integrations/gguf`), which tests/test_pull.py checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from refllm.errors import LLMRuntimeError
+
+# ---------------------------------------------------------------------------------------
+# Reading the GGUF
+# ---------------------------------------------------------------------------------------
+
+
+def read_metadata(reader) -> dict:
+    """Every metadata key of a `gguf.GGUFReader` as a Python value (str, int, float, list)."""
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):  # the header (version, counts), not metadata
+            continue
+        meta[key] = field.contents()
+    return meta
+
+
+def _float32_value(x: float) -> float:
+    """A float32 metadata value as the decimal it was written from (9.99999974e-06 -> 1e-05)."""
+    return float(str(np.float32(x)))  # str: the shortest decimal that rounds back
+
+
+# ---------------------------------------------------------------------------------------
+# config.json
+# ---------------------------------------------------------------------------------------
+
+
+def llama_config(meta: dict, tensor_names: set[str]) -> dict:
+    """transformers' LlamaConfig fields, from the `llama.*` and `tokenizer.ggml.*` keys."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise LLMRuntimeError(f"GGUF architecture is {arch!r}; only 'llama' can be converted")
+
+    def key(name: str, default=None):
+        value = meta.get(f"llama.{name}", default)
+        if value is None:
+            raise LLMRuntimeError(f"GGUF metadata lacks 'llama.{name}'")
+        return value
+
+    hidden_size = int(key("embedding_length"))
+    n_head = int(key("attention.head_count"))
+    n_head_kv = int(key("attention.head_count_kv", n_head))
+    head_dim = int(key("rope.dimension_count", hidden_size // n_head))
+    vocab_size = int(meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"]))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_hidden_layers": int(key("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_head_kv,
+        "head_dim": head_dim,
+        "max_position_embeddings": int(key("context_length")),
+        "rms_norm_eps": _float32_value(key("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _float32_value(key("rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(meta),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+    for name in ("bos", "eos", "pad"):
+        token_id = meta.get(f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id")
+        if token_id is not None:
+            config[f"{name}_token_id"] = int(token_id)
+    return config
+
+
+def _rope_scaling(meta: dict) -> dict | None:
+    kind = meta.get("llama.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _float32_value(meta["llama.rope.scaling.factor"])}
+    raise LLMRuntimeError(f"GGUF rope scaling {kind!r} is not supported by the converter")
+
+
+# ---------------------------------------------------------------------------------------
+# Tensors: names, dequantization, the Q/K permutation
+# ---------------------------------------------------------------------------------------
+
+# GGUF name -> Hugging Face name; `{i}` is the layer index.
+HF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def hf_name(gguf_name: str) -> str:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
+    m = _LAYER.match(gguf_name)
+    pattern, i = (f"blk.{{i}}.{m.group(2)}", m.group(1)) if m else (gguf_name, None)
+    if pattern not in HF_NAMES:
+        raise LLMRuntimeError(f"GGUF tensor '{gguf_name}' has no Hugging Face Llama equivalent")
+    return HF_NAMES[pattern].format(i=i)
+
+
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name the Llama config needs, with its shape ([out, in] for Linear)."""
+    H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    D, N, K = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]
+    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (V, H)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (H,),
+            p + "self_attn.q_proj.weight": (N * D, H),
+            p + "self_attn.k_proj.weight": (K * D, H),
+            p + "self_attn.v_proj.weight": (K * D, H),
+            p + "self_attn.o_proj.weight": (H, N * D),
+            p + "post_attention_layernorm.weight": (H,),
+            p + "mlp.gate_proj.weight": (I, H),
+            p + "mlp.up_proj.weight": (I, H),
+            p + "mlp.down_proj.weight": (H, I),
+        }
+    return shapes
+
+
+def dequantize(tensor) -> np.ndarray:
+    """A `gguf.ReaderTensor` as a float32 array in NumPy order (GGUF shape reversed)."""
+    import gguf
+
+    kinds = gguf.GGMLQuantizationType
+    if tensor.tensor_type not in (kinds.F32, kinds.F16, kinds.Q8_0, kinds.Q4_1):
+        raise LLMRuntimeError(f"GGUF tensor '{tensor.name}' has type {tensor.tensor_type.name}; "
+                              "the converter reads F32, F16, Q8_0 and Q4_1")
+    out = np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # a copy, off the memmap
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    if out.shape != shape:
+        raise LLMRuntimeError(f"GGUF tensor '{tensor.name}' dequantized to {out.shape}, expected {shape}")
+    return out
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:  # [n_head * D, H] -> [n_head * D, H]
+    """Inverse of convert_hf_to_gguf.py's `permute`: llama.cpp's interleaved RoPE rows back to rotate-half.
+
+    Within each head llama.cpp's row order is (pair 0: x0 y0, pair 1: x1 y1, ...) and
+    Hugging Face's is (x0 x1 ... | y0 y1 ...); view the rows as [head, D/2, 2] and swap
+    the last two axes.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def convert_tensors(reader, config: dict, progress: bool = False) -> dict[str, np.ndarray]:
+    """Every GGUF tensor, dequantized, unpermuted and renamed; checked against the config."""
+    from tqdm.auto import tqdm
+
+    tensors = {}
+    for t in tqdm(reader.tensors, desc="dequantize", unit="tensor", disable=not progress, leave=False):
+        name = hf_name(t.name)
+        w = dequantize(t)
+        if name.endswith("self_attn.q_proj.weight"):
+            w = unpermute(w, config["num_attention_heads"])
+        elif name.endswith("self_attn.k_proj.weight"):
+            w = unpermute(w, config["num_key_value_heads"])
+        tensors[name] = np.ascontiguousarray(w)
+
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    wrong = [f"{n}: {tensors[n].shape} != {expected[n]}" for n in expected if n in tensors and tensors[n].shape != expected[n]]
+    if missing or extra or wrong:
+        raise LLMRuntimeError(f"GGUF tensors do not match the Llama config: missing {missing}, "
+                              f"unexpected {extra}, wrong shapes {wrong}")
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------
+# tokenizer.json
+# ---------------------------------------------------------------------------------------
+
+# llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp), by `tokenizer.ggml.pre`.
+# GPT-2's split is exactly the regex of tokenizers' ByteLevel(use_regex=True).
+_GPT2_FAMILY = {"gpt2", "default", "mpt", "olmo", "jais"}
+# "smollm" (and starcoder, refact, command-r, codeshell, exaone) first cut every digit
+# out on its own (`\p{N}`), then apply GPT-2's split: Digits(individual) + ByteLevel,
+# which is also how SmolLM2's own tokenizer.json is built.
+_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_FAMILY = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"}
+
+CONTROL, USER_DEFINED = 3, 4  # gguf.TokenType values
+
+
+def pre_tokenizer(pre: str, add_prefix_space: bool = False):
+    """The `tokenizers` pre-tokenizer equal to llama.cpp's for `tokenizer.ggml.pre`."""
+    from tokenizers import Regex, pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, trim_offsets=True, use_regex=True)
+    if pre in _GPT2_FAMILY:
+        return byte_level
+    if pre in _DIGITS_THEN_GPT2:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in _LLAMA3_FAMILY:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, trim_offsets=True, use_regex=False),
+        ])
+    raise LLMRuntimeError(f"GGUF pre-tokenizer {pre!r} is not supported by the converter")
+
+
+def _byte_level_spelling(token: str, alphabet: set[str], byte_to_char: dict[int, str]) -> str:
+    """A vocabulary entry in the byte-level alphabet (some files store plain text instead)."""
+    if set(token) <= alphabet:
+        return token
+    return "".join(byte_to_char[b] for b in token.encode("utf-8"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (openai/gpt-2 encoder.py)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_tokenizer(meta: dict):
+    """A `tokenizers.Tokenizer` equal to the GGUF's byte-level BPE tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise LLMRuntimeError(f"GGUF tokenizer model {kind!r}; the converter builds byte-level BPE ('gpt2') only")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    byte_to_char = _bytes_to_unicode()
+    alphabet = set(byte_to_char.values())
+
+    vocab = {_byte_level_spelling(t, alphabet, byte_to_char): i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise LLMRuntimeError("GGUF vocabulary has duplicate tokens")
+    merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False,
+                               continuing_subword_prefix="", end_of_word_suffix="", dropout=None))
+    tok.pre_tokenizer = pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"),
+                                      bool(meta.get("tokenizer.ggml.add_space_prefix", False)))
+    tok.decoder = decoders.ByteLevel()
+
+    # CONTROL tokens are special (matched whole, skipped when decoding with
+    # skip_special_tokens); USER_DEFINED ones are matched whole but are text. A CONTROL
+    # token outside the byte-level alphabet is a llama.cpp mislabel (as transformers notes).
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, k in zip(tokens, types) if k == CONTROL and set(t) <= alphabet])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab])
+
+    # BOS/EOS are added by the post-processor only if the file asks for it (SmolLM2: neither).
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    if add_bos or add_eos:
+        bos = tokens[meta["tokenizer.ggml.bos_token_id"]] if add_bos else None
+        eos = tokens[meta["tokenizer.ggml.eos_token_id"]] if add_eos else None
+        pre_a = f"{bos}:0 " if bos else ""
+        post_a = f" {eos}:0" if eos else ""
+        pre_b = f" {bos}:1" if bos else ""
+        post_b = f" {eos}:1" if eos else ""
+        specials = [(t, vocab[t]) for t in dict.fromkeys(x for x in (bos, eos) if x)]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{pre_a}$A:0{post_a}", pair=f"{pre_a}$A:0{post_a}{pre_b} $B:1{post_b}", special_tokens=specials)
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def tokenizer_config(meta: dict, max_length: int) -> dict:
+    """tokenizer_config.json: the chat template and the special tokens as strings."""
+    tokens = meta["tokenizer.ggml.tokens"]
+
+    def token(key):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None else None
+
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # i.e. "use tokenizer.json as it is"
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "pad_token": token("padding_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "add_prefix_space": bool(meta.get("tokenizer.ggml.add_space_prefix", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+    }
+    config = {k: v for k, v in config.items() if v is not None}
+    if meta.get("tokenizer.chat_template"):
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    return config
+
+
+# ---------------------------------------------------------------------------------------
+# The whole directory
+# ---------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_weights(tensors: dict[str, np.ndarray], path: Path) -> None:
+    """model.safetensors, float32, with the `format: pt` tag transformers asks for."""
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = False) -> None:
+    """Write the Hugging Face Llama directory for `gguf_path` into `out_dir` (which must exist).
+
+    Not atomic by itself: `refllm.weights.pull` calls it on a temporary directory and
+    renames that into place.
+    """
+    from gguf import GGUFReader
+
+    out = Path(out_dir)
+    reader = GGUFReader(str(gguf_path))
+    meta = read_metadata(reader)
+    config = llama_config(meta, {t.name for t in reader.tensors})
+
+    tokenizer = build_tokenizer(meta)  # first: a tokenizer we cannot build fails before the slow part
+    tensors = convert_tensors(reader, config, progress=progress)
+    write_weights(tensors, out / "model.safetensors")
+    del tensors, reader
+
+    _write_json(out / "config.json", config)
+    tokenizer.save(str(out / "tokenizer.json"))
+    _write_json(out / "tokenizer_config.json", tokenizer_config(meta, config["max_position_embeddings"]))
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    _write_json(out / "generation_config.json", generation)
