@@ -59,3 +59,51 @@ def make_tiny_llama(directory: Path, overrides: dict, seed: int = 0, dtype=np.fl
     (directory / "config.json").write_text(json.dumps(cfg, indent=1))
     save_file(t, str(directory / "model.safetensors"))
     return directory
+
+
+def rope_inv_freq_of(model_dir):
+    from refllm.config import LlamaConfig
+    from refllm.ops import rope_inv_freq
+
+    c = LlamaConfig.from_file(Path(model_dir) / "config.json")
+    return rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+
+
+def hf_model(model_dir, dtype):
+    """transformers' LlamaForCausalLM on `model_dir`; in float64, really in float64.
+
+    A float64 transformers model still does three things in float32: the RoPE angles
+    `position * inv_freq` (its rotary embedding casts to float), RMSNorm (it upcasts to
+    float32, meant for half precision) and the eager softmax. For float64 we use SDPA
+    attention (computed in the input dtype) and patch the other two to float64, so both
+    sides do the same arithmetic.
+    """
+    import torch
+    import transformers
+
+    attn = "sdpa" if dtype == torch.float64 else "eager"
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
+    model.eval()
+    if dtype == torch.float64:
+        for module in model.modules():
+            if type(module).__name__ == "LlamaRMSNorm":
+                module.forward = (lambda m: lambda x: m.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)))(module)
+        rot = model.model.rotary_emb
+        inv64 = torch.tensor(rope_inv_freq_of(model_dir), dtype=torch.float64)
+
+        def forward(x, position_ids):
+            angles = position_ids[:, :, None].to(torch.float64) * inv64[None, None, :]
+            emb = torch.cat([angles, angles], dim=-1)
+            return (emb.cos() * rot.attention_scaling).to(x.dtype), (emb.sin() * rot.attention_scaling).to(x.dtype)
+
+        rot.forward = forward
+    return model
+
+
+def hf_logits(model_dir, ids, dtype, model=None):
+    """transformers' logits [T, V] for `ids` (see `hf_model`)."""
+    import torch
+
+    model = model or hf_model(model_dir, dtype)
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].numpy()

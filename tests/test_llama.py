@@ -10,46 +10,17 @@ import pytest
 
 from refllm.errors import LLMRuntimeError
 from refllm.llama import Llama
-from tests.llama_util import TINY_CONFIGS, make_tiny_llama
+from tests.llama_util import TINY_CONFIGS, hf_logits, make_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-def hf_logits(model_dir, ids, dtype):
-    """transformers' logits for `ids`; in float64, with every step really in float64.
-
-    A float64 transformers model still does three things in float32: the RoPE angles
-    `position * inv_freq` (its rotary embedding casts to float), RMSNorm (it upcasts to
-    float32, meant for half precision) and the eager softmax. For the float64
-    comparison we use SDPA attention (computed in the input dtype) and patch the other
-    two to float64, so both sides do the same arithmetic.
-    """
-    attn = "sdpa" if dtype == torch.float64 else "eager"
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
-    model.eval()
-    if dtype == torch.float64:
-        for module in model.modules():
-            if type(module).__name__ == "LlamaRMSNorm":
-                module.forward = (lambda m: lambda x: m.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)))(module)
-        rot = model.model.rotary_emb
-        inv64 = torch.tensor(Llama.from_pretrained(model_dir).inv_freq, dtype=torch.float64)
-
-        def forward(x, position_ids):
-            angles = position_ids[:, :, None].to(torch.float64) * inv64[None, None, :]
-            emb = torch.cat([angles, angles], dim=-1)
-            return (emb.cos() * rot.attention_scaling).to(x.dtype), (emb.sin() * rot.attention_scaling).to(x.dtype)
-
-        rot.forward = forward
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
-
-
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 def test_tiny_llama_matches_transformers(tmp_path, name, precision):
-    model_dir = make_tiny_llama(tmp_path / name, TINY_CONFIGS[name], seed=hash(name) % 1000)
+    model_dir = make_tiny_llama(tmp_path / name, TINY_CONFIGS[name], seed=sorted(TINY_CONFIGS).index(name))
     V = TINY_CONFIGS[name]["vocab_size"]
     ids = list(np.random.default_rng(1).integers(0, V, size=40))
     dtype, tol = (np.float32, 1e-4) if precision == "float32" else (np.float64, 1e-10)
