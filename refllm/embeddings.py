@@ -6,9 +6,11 @@
       1. tokenize each text with [CLS] ... [SEP], truncated to the max sequence length:
          `max_seq_length` of sentence_bert_config.json, else the truncation max_length of
          tokenizer.json, else max_position_embeddings (and never more than that);
-      2. run the encoder on length-sorted chunks of `chunk_size` texts, each padded to
-         its own longest text, WITH the attention mask: a text's vector does not depend
-         on what it is batched with, memory stays bounded and padding small;
+      2. run the encoder on length-sorted chunks of at most `chunk_size` texts, each
+         padded to its own longest text (and cut where a text would more than double
+         in length: `length_sorted_chunks`), WITH the attention mask: a text's vector
+         does not depend on what it is batched with, memory stays bounded (at most
+         chunk_size x max_seq_length tokens at once) and padding small;
       3. mean-pool the last hidden states over the real tokens, then L2-normalise;
       4. usage: the real tokens of all texts, [CLS] and [SEP] included.
 
@@ -19,7 +21,8 @@
         of the whole batch, one batch, no sorting;
       - the encoder sees NO attention mask: padding tokens are attended to (Spin's
         BertModel.forward takes no mask) and are averaged in: sum over T / T;
-      - the tanh GELU (candle's `gelu`), whatever config.json says;
+      - the tanh GELU (candle's `gelu`), whatever config.json says (Spin reads no
+        config.json at all and assumes all-MiniLM-L6-v2's shape; we keep reading it);
       - normalised as x / |x| with no epsilon;
       - usage: `prompt-token-count` = T, the padded length of the batch (Spin reports
         `n_tokens` of the [B, T, H] output's dims, not B * T nor the real tokens).
@@ -73,6 +76,21 @@ def spin_pool(hidden):  # [B, T, H] -> [B, H]
 def spin_normalize(x):  # [B, H] -> [B, H]
     """Spin's normalisation: x / |x|, no epsilon."""
     return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
+
+
+def length_sorted_chunks(lengths: list[int], chunk_size: int) -> list[list[int]]:
+    """Indices of the texts, longest first (stable), cut into chunks of at most
+    `chunk_size`; a chunk also ends before a text shorter than half its longest, so no
+    text is padded to more than twice its length (a few long texts do not drag a whole
+    chunk of short ones to their length: attention costs T^2 per text)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    chunks: list[list[int]] = []
+    for i in order:
+        if chunks and len(chunks[-1]) < chunk_size and 2 * lengths[i] >= lengths[chunks[-1][0]]:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
 
 
 # ----------------------------------------------------------------------------------------
@@ -189,9 +207,7 @@ class Embedder:
     def _embed_spec(self, texts: list[str], chunk_size: int):  # N texts -> [N, H], real tokens
         ids = [e.ids for e in _encode(self.tokenizer, texts)]
         out = np.empty((len(ids), self.dim), dtype=self.model.dtype)  # [N, H]
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first, stable
-        for start in range(0, len(order), chunk_size):
-            chunk = order[start : start + chunk_size]
+        for chunk in length_sorted_chunks([len(x) for x in ids], chunk_size):
             T = len(ids[chunk[0]])  # the longest of the chunk
             batch = np.zeros((len(chunk), T), dtype=np.int64)  # [B, T]  padded with 0 (masked)
             mask = np.zeros((len(chunk), T), dtype=np.int64)  # [B, T]
