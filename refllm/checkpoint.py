@@ -4,7 +4,10 @@ The format (https://github.com/huggingface/safetensors#format) is an 8-byte
 little-endian header length N, N bytes of JSON `{name: {dtype, shape, data_offsets}}`,
 then the raw little-endian tensor bytes. We map the file and take views into it, so a
 float32 checkpoint costs no copy: the OS pages weights in as the forward pass reads
-them, and peak memory stays near the size of the weights.
+them, and peak memory stays near the size of the weights. A model that copies a tensor
+elsewhere (the Llama fuses its projections) takes it with `StrictLoader.take(..., out=)`,
+which drops the mapped pages from the process once copied (`release_pages`), so the
+mapping and the copy are never both resident.
 
 NumPy has no bfloat16; a bfloat16 tensor is widened to float32 exactly, by putting its
 16 bits in the top half of a float32. A sharded checkpoint
@@ -14,6 +17,7 @@ NumPy has no bfloat16; a bfloat16 tensor is widened to float32 exactly, by putti
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from pathlib import Path
 
@@ -32,7 +36,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
+            raw = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)  # [bytes]
     except (OSError, ValueError, struct.error) as e:
         raise LLMRuntimeError(f"{path}: not a readable safetensors file ({e})") from e
     header.pop("__metadata__", None)
@@ -52,6 +56,24 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             a = (a.astype(np.uint32) << 16).view(np.float32)
         tensors[name] = a
     return tensors
+
+
+def release_pages(a: np.ndarray) -> None:
+    """Drop the pages under a memory-mapped tensor from this process's resident memory.
+
+    For a tensor that has been copied elsewhere: its pages stay in the OS page cache
+    (reading it again faults them back in, nothing is lost), but no longer count in this
+    process's resident set. A no-op for an array that is not a view of a mapped file.
+    """
+    base = a
+    while isinstance(base, np.ndarray):  # views -> the array over the whole mapping
+        owner, base = base, base.base
+    mapped = base.obj if isinstance(base, memoryview) else None
+    if not isinstance(mapped, mmap.mmap) or a.nbytes == 0:
+        return
+    start = a.__array_interface__["data"][0] - owner.__array_interface__["data"][0]  # byte offset in the file
+    first = start - start % mmap.PAGESIZE  # madvise wants a page-aligned start
+    mapped.madvise(mmap.MADV_DONTNEED, first, start + a.nbytes - first)
 
 
 def load_checkpoint(model_dir: str | Path) -> dict[str, np.ndarray]:
@@ -79,8 +101,10 @@ def load_checkpoint(model_dir: str | Path) -> dict[str, np.ndarray]:
 class StrictLoader:
     """Takes the tensors a model needs, by name and shape, and names what is wrong.
 
-    `take(name, shape)` returns the tensor cast to the model's dtype; `finish()` raises
-    if any tensor of the checkpoint was never taken (an unexpected key).
+    `take(name, shape)` returns the tensor cast to the model's dtype (a view of the
+    mapped file when no cast is needed); `take(name, shape, out=buffer)` copies it into
+    `buffer` instead and releases its mapped pages. `finish()` raises if any tensor of
+    the checkpoint was never taken (an unexpected key).
     """
 
     def __init__(self, tensors: dict[str, np.ndarray], dtype, source: str, ignore_prefixes=()):
@@ -91,13 +115,17 @@ class StrictLoader:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
-    def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def take(self, name: str, shape: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
         if name not in self.tensors:
             raise LLMRuntimeError(f"{self.source}: missing tensor {name!r} (expected shape {list(shape)})")
         t = self.tensors[name]
         if tuple(t.shape) != tuple(shape):
             raise LLMRuntimeError(f"{self.source}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
         self.taken.add(name)
+        if out is not None:
+            np.copyto(out, t)  # cast to out's dtype on the way
+            release_pages(t)
+            return out
         # float32 on disk and float32 wanted: keep the memory-mapped view (no copy).
         return t if t.dtype == self.dtype else t.astype(self.dtype)
 

@@ -35,6 +35,15 @@ from .errors import LLMRuntimeError
 
 @dataclass
 class LlamaLayer:
+    """One decoder layer's weights, in the checkpoint's [out, in] layout.
+
+    The three attention projections are rows of one fused matrix, and so are the
+    gate and up projections, so that one pass over `qkv_proj` (or `gate_up_proj`)
+    computes all of them: one matrix-vector product per step instead of three (or
+    two). `q_proj` .. `up_proj` are views of their rows, with the checkpoint's shapes.
+    Built from the nine separate matrices, a layer fuses them itself.
+    """
+
     input_layernorm: np.ndarray  # [D]
     q_proj: np.ndarray  # [NH*HD, D]
     k_proj: np.ndarray  # [NKV*HD, D]
@@ -44,6 +53,18 @@ class LlamaLayer:
     gate_proj: np.ndarray  # [F, D]
     up_proj: np.ndarray  # [F, D]
     down_proj: np.ndarray  # [D, F]
+    qkv_proj: np.ndarray | None = None  # [(NH+2*NKV)*HD, D] = q_proj; k_proj; v_proj
+    gate_up_proj: np.ndarray | None = None  # [2F, D] = gate_proj; up_proj
+
+    def __post_init__(self):
+        if self.qkv_proj is None:
+            self.qkv_proj = np.concatenate([self.q_proj, self.k_proj, self.v_proj])  # [(NH+2*NKV)*HD, D]
+        if self.gate_up_proj is None:
+            self.gate_up_proj = np.concatenate([self.gate_proj, self.up_proj])  # [2F, D]
+        # The separate projections are views of the fused rows: one copy of each weight.
+        q, k = self.q_proj.shape[0], self.k_proj.shape[0]
+        self.q_proj, self.k_proj, self.v_proj = np.split(self.qkv_proj, [q, q + k])
+        self.gate_proj, self.up_proj = np.split(self.gate_up_proj, [self.gate_proj.shape[0]])
 
 
 class KVCache:
@@ -93,6 +114,7 @@ class Llama:
         self.norm = norm  # [D]
         self.lm_head = lm_head  # [V, D], the same array as embed_tokens when tied
         self.inv_freq = ops.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)  # [HD/2] float64
+        self.cos = self.sin = np.empty((0, config.head_dim), dtype=self.dtype)  # [P, HD], grown by rope_tables
 
     # ---------------------------------------------------------------- loading
 
@@ -126,17 +148,23 @@ class Llama:
         layers = []
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
+            # Fused projections are filled tensor by tensor; each copied tensor's mapped
+            # pages are released, so loading never holds a weight twice.
+            qkv = np.empty(((NH + 2 * NKV) * HD, D), dtype=dtype)  # [(NH+2*NKV)*HD, D]
+            gate_up = np.empty((2 * F, D), dtype=dtype)  # [2F, D]
             layers.append(
                 LlamaLayer(
                     input_layernorm=w.take(p + "input_layernorm.weight", (D,)),
-                    q_proj=w.take(p + "self_attn.q_proj.weight", (NH * HD, D)),
-                    k_proj=w.take(p + "self_attn.k_proj.weight", (NKV * HD, D)),
-                    v_proj=w.take(p + "self_attn.v_proj.weight", (NKV * HD, D)),
+                    q_proj=w.take(p + "self_attn.q_proj.weight", (NH * HD, D), out=qkv[: NH * HD]),
+                    k_proj=w.take(p + "self_attn.k_proj.weight", (NKV * HD, D), out=qkv[NH * HD : (NH + NKV) * HD]),
+                    v_proj=w.take(p + "self_attn.v_proj.weight", (NKV * HD, D), out=qkv[(NH + NKV) * HD :]),
                     o_proj=w.take(p + "self_attn.o_proj.weight", (D, NH * HD)),
                     post_attention_layernorm=w.take(p + "post_attention_layernorm.weight", (D,)),
-                    gate_proj=w.take(p + "mlp.gate_proj.weight", (F, D)),
-                    up_proj=w.take(p + "mlp.up_proj.weight", (F, D)),
+                    gate_proj=w.take(p + "mlp.gate_proj.weight", (F, D), out=gate_up[:F]),
+                    up_proj=w.take(p + "mlp.up_proj.weight", (F, D), out=gate_up[F:]),
                     down_proj=w.take(p + "mlp.down_proj.weight", (D, F)),
+                    qkv_proj=qkv,
+                    gate_up_proj=gate_up,
                 )
             )
         embed_tokens = w.take("model.embed_tokens.weight", (V, D))
@@ -170,12 +198,12 @@ class Llama:
         if cache is None:
             cache = self.new_cache(T)
         start = cache.pos
-        cos, sin = ops.rope_tables(np.arange(start, start + T), self.inv_freq, self.dtype)  # [T, HD] x2
+        cos, sin = self.rope_tables(start, T)  # [T, HD] x2
 
-        h = self.embed_tokens[ids].astype(self.dtype)  # [T, D]
+        h = self.embed_tokens[ids].astype(self.dtype, copy=False)  # [T, D], the residual stream (a copy: fancy indexing)
         for i, layer in enumerate(self.layers):
-            h = h + self.attention(i, layer, ops.rms_norm(h, layer.input_layernorm, c.rms_norm_eps), cos, sin, cache, start)
-            h = h + self.mlp(layer, ops.rms_norm(h, layer.post_attention_layernorm, c.rms_norm_eps))
+            h += self.attention(i, layer, ops.rms_norm(h, layer.input_layernorm, c.rms_norm_eps), cos, sin, cache, start)
+            h += self.mlp(layer, ops.rms_norm(h, layer.post_attention_layernorm, c.rms_norm_eps))
         cache.advance(T)
 
         if last_only:
@@ -183,16 +211,26 @@ class Llama:
         h = ops.rms_norm(h, self.norm, c.rms_norm_eps)  # [T, D]
         return h @ self.lm_head.T  # [T, V]
 
+    def rope_tables(self, start: int, T: int):  # -> [T, HD], [T, HD]
+        """cos and sin of positions start .. start + T - 1, sliced from tables computed
+        once (`ops.rope_tables`) and grown by doubling, so a decode step computes none."""
+        end = start + T
+        if end > self.cos.shape[0]:
+            P = max(end, min(2 * self.cos.shape[0], self.config.max_position_embeddings))
+            self.cos, self.sin = ops.rope_tables(np.arange(P), self.inv_freq, self.dtype)  # [P, HD] x2
+        return self.cos[start:end], self.sin[start:end]
+
     def attention(self, i, layer: LlamaLayer, x, cos, sin, cache: KVCache, start: int):  # [T, D] -> [T, D]
         c = self.config
-        T = x.shape[0]
-        q = (x @ layer.q_proj.T).reshape(T, c.num_attention_heads, c.head_dim)  # [T, NH, HD]
-        k = (x @ layer.k_proj.T).reshape(T, c.num_key_value_heads, c.head_dim)  # [T, NKV, HD]
-        v = (x @ layer.v_proj.T).reshape(T, c.num_key_value_heads, c.head_dim)  # [T, NKV, HD]
-        q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+        T, NH, NKV, HD = x.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        qkv = (x @ layer.qkv_proj.T).reshape(T, NH + 2 * NKV, HD)  # [T, NH+2*NKV, HD]
+        qk = ops.rope(qkv[:, : NH + NKV], cos, sin)  # [T, NH+NKV, HD]: q and k rotated together
+        q, k, v = qk[:, :NH], qk[:, NH:], qkv[:, NH + NKV :]  # [T, NH, HD], [T, NKV, HD] x2
         keys, values = cache.update(i, k, v)  # [S, NKV, HD] x2
         out = ops.causal_attention(q, keys, values, start)  # [T, NH, HD]
-        return out.reshape(T, -1) @ layer.o_proj.T  # [T, D]
+        return out.reshape(T, NH * HD) @ layer.o_proj.T  # [T, D]
 
     def mlp(self, layer: LlamaLayer, x):  # [T, D] -> [T, D]
-        return (ops.silu(x @ layer.gate_proj.T) * (x @ layer.up_proj.T)) @ layer.down_proj.T
+        F = layer.down_proj.shape[1]
+        gate_up = x @ layer.gate_up_proj.T  # [T, 2F]
+        return (ops.silu(gate_up[:, :F]) * gate_up[:, F:]) @ layer.down_proj.T  # [T, D]
