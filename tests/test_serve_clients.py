@@ -228,3 +228,27 @@ def test_openai_models_list(oa):
     ids = [m.id for m in oa.models.list()]
     assert LLAMA in ids and MINILM in ids
     assert oa.models.retrieve(MINILM).id == MINILM
+
+
+# ----------------------------------------------------------------------------- logprobs
+
+def test_logprobs_in_each_dialect(server, hf, oa, ref):
+    gen = ref(PROMPT, greedy(3))
+    want = [log_softmax(s.logits, s.token) for s in gen.steps]
+    # TGI: greedy without a penalty picks the most likely token, so it heads top_tokens
+    out = hf.text_generation(PROMPT, max_new_tokens=3, details=True, top_n_tokens=2, decoder_input_details=True)
+    assert [t.logprob for t in out.details.tokens] == pytest.approx(want, abs=1e-9)
+    top = [t[0] if isinstance(t[0], dict) else vars(t[0]) for t in out.details.top_tokens]  # hub leaves them dicts
+    assert [t["id"] for t in top] == gen.tokens
+    assert [p.id for p in out.details.prefill] == gen.prompt_ids
+    # OpenAI chat and completions
+    r = oa.completions.create(model=LLAMA, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2)
+    assert r.choices[0].logprobs.token_logprobs == pytest.approx(want, abs=1e-9)
+    assert all(len(top) == 2 for top in r.choices[0].logprobs.top_logprobs)
+    c = oa.chat.completions.create(model=LLAMA, messages=MESSAGES, max_tokens=2, temperature=0, logprobs=True,
+                                   top_logprobs=3)
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy: the top one

@@ -14,6 +14,7 @@ import time
 import httpx
 import pytest
 
+import refllm
 import refllm.engine
 from refllm.serve.app import ServerThread, add_serve_arguments, config_from_args
 from refllm.serve.core import ServerConfig
@@ -445,3 +446,18 @@ def test_serve_arguments_make_the_config():
     assert (c.inference_quota, c.embedding_quota, c.tokens, c.max_tokens_cap) == (5, 7, (), 1024)
     with pytest.raises(SystemExit):
         parser.parse_args(["--quota", "lots"])
+
+
+def test_spin_profile_reproduces_spins_engine(models_root):
+    with ServerThread(ServerConfig(models_dir=models_root, profile="spin")) as s:
+        params = refllm.InferencingParams(2, 1.1, 64, 0.0, 40, 0.9)
+        r = post(s, "/infer", {"model": LLAMA, "prompt": "Hi there", "options": {"maxTokens": 2, "temperature": 0.0}},
+                 token=None)
+        want = refllm.infer(LLAMA, "Hi there", params, profile="spin", models_dir=models_root)
+        assert r.json() == {"text": want.text, "usage": {"promptTokenCount": want.usage.prompt_token_count,
+                                                          "generatedTokenCount": want.usage.generated_token_count}}
+        assert r.json()["text"].startswith("Hi there")
+        r = post(s, "/embed", {"model": MINILM, "input": ["a", "longer text"]}, token=None)
+        want = refllm.generate_embeddings(MINILM, ["a", "longer text"], profile="spin", models_dir=models_root)
+        assert r.json()["usage"] == {"promptTokenCount": want.usage.prompt_token_count}
+        assert r.json()["embeddings"] == want.embeddings

@@ -43,6 +43,8 @@ greedy, and every embedding) are answered from a response cache unless `x-use-ca
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
@@ -56,6 +58,7 @@ from .core import (EMBED, GENERATE, NO_TOP_K, PLACEHOLDER_MODELS, SSE_HEADERS, S
 from .limits import EMBEDDING, INFERENCE, authenticate, permit
 
 router = APIRouter()
+log = logging.getLogger("refllm.serve")
 
 FINISH_REASONS = {"eos": "eos_token", "length": "length", "context": "length", "stop": "stop_sequence"}
 DEFAULT_MAX_NEW_TOKENS = 100
@@ -263,7 +266,10 @@ async def text_generation(request: Request, body: dict, model: str | None, route
                                               "generated_tokens": len(gen.tokens), "seed": seed}
                     yield sse(msg)
             except (ServeError, LLMError) as e:
-                yield sse({"error": getattr(e, "message", str(e)), "error_type": "generation"})
+                yield sse({"error": e.message, "error_type": "generation"})
+            except Exception as e:  # noqa: BLE001 - a bug: end the stream with TGI's error event
+                log.exception("text generation stream failed")
+                yield sse({"error": f"internal error: {type(e).__name__}: {e}", "error_type": "generation"})
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 

@@ -27,6 +27,7 @@ chunk with no choices carries the usage. Errors are `{"error": {"message", "type
 from __future__ import annotations
 
 import base64
+import logging
 import time
 import uuid
 
@@ -37,12 +38,13 @@ from fastapi.responses import Response, StreamingResponse
 from .. import __version__
 from ..errors import LLMError
 from ..types import InferencingParams
-from .core import (EMBED, GENERATE, NO_TOP_K, SSE_DONE, SSE_HEADERS, ServeError, dumps, finished, get_bool,
-                   get_float, get_int, get_str, get_str_list, invalid, log_softmax_at, read_json_object, sse,
-                   top_logprobs)
+from .core import (EMBED, GENERATE, NO_TOP_K, SSE_DONE, SSE_HEADERS, ServeError, dumps, finished, from_llm_error,
+                   get_bool, get_float, get_int, get_str, get_str_list, invalid, log_softmax_at, read_json_object,
+                   sse, top_logprobs)
 from .limits import EMBEDDING, INFERENCE, authenticate, permit
 
 router = APIRouter(prefix="/v1")
+log = logging.getLogger("refllm.serve")
 
 FINGERPRINT = f"refllm-{__version__}"
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
@@ -145,8 +147,14 @@ def _stream(chunks) -> StreamingResponse:
         try:
             async for chunk in chunks:
                 yield sse(chunk)
-        except (ServeError, LLMError) as e:
-            err = e if isinstance(e, ServeError) else ServeError("runtime", str(e))
+        except Exception as e:  # noqa: BLE001 - the headers are sent: end the stream with an error chunk
+            if isinstance(e, ServeError):
+                err = e
+            elif isinstance(e, LLMError):
+                err = from_llm_error(e)
+            else:
+                log.exception("OpenAI stream failed")
+                err = ServeError("runtime", f"internal error: {type(e).__name__}: {e}")
             yield sse({"error": {"message": err.message, "type": _TYPES.get(err.kind, "invalid_request_error"),
                                  "param": err.param, "code": _CODES.get(err.kind)}})
         yield SSE_DONE
