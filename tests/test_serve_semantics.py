@@ -162,6 +162,7 @@ MALFORMED = [
     b"",
     b"[" * 100_000 + b"]" * 100_000,
     b'{"inputs": "x", "parameters": {"seed": ' + b"9" * 5000 + b"}}",
+    b'{"inputs": "lone \\ud800 surrogate", "prompt": "\\udc00", "input": ["\\ud800"], "messages": "\\ud800"}',
 ]
 
 

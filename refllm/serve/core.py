@@ -137,9 +137,28 @@ def parse_json(body: bytes) -> Any:
     if not text.strip():
         raise ServeError("bad_request", "request body is empty; expected a JSON object")
     try:
-        return json.loads(text, parse_constant=_no_constants)
+        obj = json.loads(text, parse_constant=_no_constants)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, huge ints (str->int limit), nesting
         raise ServeError("bad_request", f"request body is not valid JSON: {str(e)[:200]}") from None
+    _check_strings(obj)
+    return obj
+
+
+def _check_strings(obj: Any) -> None:
+    """JSON's \\uXXXX escapes can spell a lone UTF-16 surrogate, which is no Unicode text."""
+    stack = [obj]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ServeError("bad_request", "request body has a string with a lone UTF-16 surrogate escape") from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
 
 
 async def read_json_object(request, limit: int) -> dict:
