@@ -8,9 +8,9 @@ when a module of `refllm.kernels` is imported):
   other in Python, every `tl` operation a NumPy operation on the whole block, on CPU
   torch tensors. `refllm.kernels` turns this on by itself when torch sees no CUDA
   device (unless `TRITON_INTERPRET` is already set), so the same kernels are tested on
-  a laptop. It is slow: a program costs about a millisecond whatever its block size,
-  so the wrappers pick the largest blocks there (`INTERPRET` below) and the tuned
-  sizes on a GPU.
+  a laptop. It is slow: each `tl` operation of each program costs about a
+  millisecond of Python whatever the block size, so the wrappers pick few, large
+  blocks there (`INTERPRET` below) and the GPU's sizes otherwise.
 
 Known gap of the interpreter (triton 3.x, `interpreter.py: create_dot`): bfloat16 is
 held as raw uint16 bits and `tl.dot` multiplies those bits as integers. Kernels widen
@@ -20,11 +20,10 @@ exact: a product of two bfloat16 numbers (8-bit significands) fits a float32.
 
 from __future__ import annotations
 
-import os
-
 import torch
+from triton import knobs
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = bool(knobs.runtime.interpret)  # read from TRITON_INTERPRET, as triton.jit reads it
 
 # What kernels load and store. They compute in float32 whatever they load: float32 dots
 # run in full IEEE float32 (`input_precision="ieee"`, not TF32, whose 10-bit significand

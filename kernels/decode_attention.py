@@ -110,12 +110,12 @@ def _decode_reduce_kernel(
     offs_s = tl.arange(0, BLOCK_S)  # [BS]
     offs_d = tl.arange(0, BLOCK_D)  # [BD]
     s_mask = offs_s < SPLITS
-    m = tl.load(m_ptr + h * stride_mh + offs_s, mask=s_mask, other=float("-inf"))  # [BS]
-    l = tl.load(l_ptr + h * stride_mh + offs_s, mask=s_mask, other=0.0)  # [BS]
+    m_s = tl.load(m_ptr + h * stride_mh + offs_s, mask=s_mask, other=float("-inf"))  # [BS]
+    l_s = tl.load(l_ptr + h * stride_mh + offs_s, mask=s_mask, other=0.0)  # [BS]
     acc = tl.load(acc_ptr + h * stride_ah + offs_s[:, None] * stride_as + offs_d[None, :],
                   mask=s_mask[:, None] & (offs_d[None, :] < HD), other=0.0)  # [BS, BD]
-    w = tl.exp(m - tl.max(m, axis=0))  # [BS], 0 for the masked splits
-    o = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)  # [BD]
+    w = tl.exp(m_s - tl.max(m_s, axis=0))  # [BS], 0 for the masked splits
+    o = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_s, axis=0)  # [BD]
     tl.store(o_ptr + h * stride_oh + offs_d, o.to(o_ptr.dtype.element_ty), mask=offs_d < HD)
 
 
@@ -154,23 +154,23 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_spli
     splits = triton.cdiv(S, split_len)  # every split non-empty
 
     acc = torch.empty((NH, splits, HD), dtype=torch.float32, device=q.device)
-    m = torch.empty((NH, splits), dtype=torch.float32, device=q.device)
-    l = torch.empty((NH, splits), dtype=torch.float32, device=q.device)
+    m_part = torch.empty((NH, splits), dtype=torch.float32, device=q.device)
+    l_part = torch.empty((NH, splits), dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty((1, NH, HD), dtype=q.dtype, device=q.device)
     meta = {} if INTERPRET else dict(num_warps=4, num_stages=2)
     _decode_partial_kernel[(NKV, splits)](
-        q[0], k, v, acc, m, l,
+        q[0], k, v, acc, m_part, l_part,
         S, G, HD, split_len,
         q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        acc.stride(0), acc.stride(1), m.stride(0),
+        acc.stride(0), acc.stride(1), m_part.stride(0),
         1.0 / math.sqrt(HD),
         DOT_UPCAST=dot_upcast(q.dtype), BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, **meta,
     )
     _decode_reduce_kernel[(NH,)](
-        acc, m, l, out[0],
+        acc, m_part, l_part, out[0],
         splits, HD,
-        acc.stride(0), acc.stride(1), m.stride(0), out.stride(1),
+        acc.stride(0), acc.stride(1), m_part.stride(0), out.stride(1),
         BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
     )
     return out

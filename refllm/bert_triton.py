@@ -106,18 +106,18 @@ class TritonBert:
                                           dev(e.token_type_embeddings), norm(e.LayerNorm))
         layers = [
             TritonBertLayer(
-                qkv=dev(l.query.weight, l.key.weight, l.value.weight),
-                qkv_bias=dev(l.query.bias, l.key.bias, l.value.bias),
-                attention_output=dev(l.attention_output.weight),
-                attention_output_bias=dev(l.attention_output.bias),
-                attention_norm=norm(l.attention_norm),
-                intermediate=dev(l.intermediate.weight),
-                intermediate_bias=dev(l.intermediate.bias),
-                output=dev(l.output.weight),
-                output_bias=dev(l.output.bias),
-                output_norm=norm(l.output_norm),
+                qkv=dev(layer.query.weight, layer.key.weight, layer.value.weight),
+                qkv_bias=dev(layer.query.bias, layer.key.bias, layer.value.bias),
+                attention_output=dev(layer.attention_output.weight),
+                attention_output_bias=dev(layer.attention_output.bias),
+                attention_norm=norm(layer.attention_norm),
+                intermediate=dev(layer.intermediate.weight),
+                intermediate_bias=dev(layer.intermediate.bias),
+                output=dev(layer.output.weight),
+                output_bias=dev(layer.output.bias),
+                output_norm=norm(layer.output_norm),
             )
-            for l in model.layers  # noqa: E741
+            for layer in model.layers
         ]
         return cls(model.config, embeddings, layers, device)
 

@@ -133,14 +133,14 @@ class TritonLlama:
 
         layers = [
             TritonLlamaLayer(
-                input_layernorm=dev(l.input_layernorm),
-                qkv_proj=dev(l.q_proj, l.k_proj, l.v_proj),
-                o_proj=dev(l.o_proj),
-                post_attention_layernorm=dev(l.post_attention_layernorm),
-                gate_up_proj=dev(l.gate_proj, l.up_proj),
-                down_proj=dev(l.down_proj),
+                input_layernorm=dev(layer.input_layernorm),
+                qkv_proj=dev(layer.q_proj, layer.k_proj, layer.v_proj),
+                o_proj=dev(layer.o_proj),
+                post_attention_layernorm=dev(layer.post_attention_layernorm),
+                gate_up_proj=dev(layer.gate_proj, layer.up_proj),
+                down_proj=dev(layer.down_proj),
             )
-            for l in model.layers  # noqa: E741
+            for layer in model.layers
         ]
         embed_tokens = dev(model.embed_tokens)
         lm_head = embed_tokens if model.lm_head is model.embed_tokens else dev(model.lm_head)
