@@ -1,0 +1,164 @@
+"""The oracle's commands, for `refllm.cli` to mount: `golden`, `trace` and `conform`.
+
+    refllm golden --out DIR [--case NAME ...] [--quick] [--list] [--models-dir D]
+    refllm trace PROMPT [--model M] [--max-tokens N] [WIT params] [--seed S] [--top N] [--json]
+    refllm conform --against URL [--dialect spin|tgi|openai] [--golden DIR] [--token T]
+                   [--report FILE] [--profile spec|spin|hf|llama.cpp] [--case NAME ...]
+                   [--quick] [--sampled strict|info|skip] [--models-dir D]
+
+    from refllm import oracle_cli
+    oracle_cli.register(subparsers)        # adds the three subcommands; each parser gets
+                                           # set_defaults(handler=...) and COMMANDS maps
+                                           # the command name to the same handler
+    exit_code = args.handler(args)
+
+Handlers return an exit code: golden and trace 0; conform 0 (conforms), 1 (a scored case
+failed), 2 (the backend or the golden set could not be used). refllm's errors
+(`LLMError`) propagate to the caller, which maps them to its exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_LLM = "smollm2-135m-instruct"
+TRACE_MAX_TOKENS = 16
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _u32(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"out of range [0, 2^32): {v}")
+    return v
+
+
+def _u64(text: str) -> int:
+    if not text.isdigit() or int(text) >= 2**64:
+        raise argparse.ArgumentTypeError(f"not an integer in [0, 2^64): {text!r}")
+    return int(text)
+
+
+def register(subparsers) -> None:
+    """Add `golden`, `trace` and `conform` to an argparse subparsers object."""
+    from .types import InferencingParams
+
+    d = InferencingParams()
+
+    p = subparsers.add_parser("golden", help="write the golden set of the default models (float64 reference)",
+                              description="Run the built-in suite on the default models in float64 and write a "
+                                          "golden set (golden.jsonl, tokenizers/, FORMAT.md) into DIR.")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
+    p.add_argument("--models-dir", help="models root (default: $REFLLM_MODELS_DIR, ./.spin/ai-models, the cache)")
+    p.add_argument("--case", action="append", metavar="NAME", help="only this case (repeatable)")
+    p.add_argument("--quick", action="store_true", help="only the quick subset the tests replay")
+    p.add_argument("--list", action="store_true", help="list the built-in cases and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(handler=cmd_golden)
+
+    p = subparsers.add_parser("trace", help="trace one infer through the sampling pipeline, step by step",
+                              description="Run one infer and print, per generated token, the top logits before "
+                                          "and after each sampling step, the kept candidates, u and the choice.")
+    p.add_argument("prompt")
+    p.add_argument("--model", default=DEFAULT_LLM)
+    p.add_argument("--max-tokens", type=_u32, default=TRACE_MAX_TOKENS,
+                   help=f"(default: {TRACE_MAX_TOKENS}, not the WIT's {d.max_tokens})")
+    p.add_argument("--repeat-penalty", type=_float, default=d.repeat_penalty)
+    p.add_argument("--repeat-penalty-last-n-token-count", type=_u32, default=d.repeat_penalty_last_n_token_count)
+    p.add_argument("--temperature", type=_float, default=d.temperature)
+    p.add_argument("--top-k", type=_u32, default=d.top_k)
+    p.add_argument("--top-p", type=_float, default=d.top_p)
+    p.add_argument("--seed", type=_u64, help="sampling seed (default: random, printed)")
+    p.add_argument("--top", type=int, default=10, help="candidates shown per stage (default: 10)")
+    p.add_argument("--width", type=int, default=5, help="candidates per line of logits (default: 5)")
+    p.add_argument("--models-dir")
+    p.add_argument("--backend", choices=["numpy", "triton"])
+    p.add_argument("--precision", choices=["float32", "float64"], default="float32")
+    p.add_argument("--json", action="store_true", help="print the trace as JSON")
+    p.set_defaults(handler=cmd_trace)
+
+    p = subparsers.add_parser("conform", help="check a running backend against the golden set",
+                              description="Replay the golden cases against a backend over HTTP and report, per "
+                                          "case, the exact-match length, the first divergence and refllm's margin "
+                                          "there, embedding cosines, usage and errors. Exit 0: conforms; 1: a case "
+                                          "failed; 2: the backend or the golden set could not be used.")
+    p.add_argument("--against", required=True, metavar="URL", help="the backend's base URL")
+    p.add_argument("--dialect", choices=["spin", "tgi", "openai"], default="spin")
+    p.add_argument("--golden", metavar="DIR", help="a golden set (default: the built-in one, generated into the "
+                                                   "cache from the local models on first use)")
+    p.add_argument("--token", help="bearer token")
+    p.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--profile", choices=["spec", "spin", "hf", "llama.cpp"], default="spec",
+                   help="the behaviour the backend claims (default: spec)")
+    p.add_argument("--case", action="append", metavar="NAME", help="only this case (repeatable)")
+    p.add_argument("--quick", action="store_true", help="the quick subset of the built-in set")
+    p.add_argument("--sampled", choices=["strict", "info", "skip"],
+                   help="how sampled cases count (default: strict for the spec profile, else info)")
+    p.add_argument("--models-dir", help="models root for building the built-in golden set")
+    p.add_argument("--llm-model", help="the name the backend knows the golden decoder by")
+    p.add_argument("--embedding-model", help="the name the backend knows the golden encoder by")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: 600)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(handler=cmd_conform)
+
+
+def cmd_golden(args) -> int:
+    from . import golden
+
+    if args.list:
+        for c in golden.BUILTIN:
+            print(f"{c.name:<30} {c.kind:<9} {'quick ' if c.quick else '      '}{c.description}")
+        return 0
+    cases = args.case or (list(golden.QUICK) if args.quick else None)
+    path = golden.write_golden(args.out, args.models_dir, cases=cases, progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def cmd_trace(args) -> int:
+    from .trace import print_trace, trace
+    from .types import InferencingParams
+
+    params = InferencingParams(max_tokens=args.max_tokens, repeat_penalty=args.repeat_penalty,
+                               repeat_penalty_last_n_token_count=args.repeat_penalty_last_n_token_count,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    t = trace(args.model, args.prompt, params, seed=args.seed, top=args.top, precision=args.precision,
+              backend=args.backend, models_dir=args.models_dir)
+    if args.json:
+        print(json.dumps(t.to_dict(), ensure_ascii=False))
+    else:
+        print_trace(t, width=args.width)
+    return 0
+
+
+def cmd_conform(args) -> int:
+    from . import golden
+    from .conform import conform
+
+    golden_dir = args.golden
+    if golden_dir is None and args.quick:
+        golden_dir = golden.builtin_golden_dir(args.models_dir, golden.QUICK, progress=not args.quiet)
+    model_map = {}
+    if args.llm_model:
+        model_map[golden.LLM] = args.llm_model
+    if args.embedding_model:
+        model_map[golden.EMBEDDER] = args.embedding_model
+    return conform(args.against, args.dialect, golden_dir, token=args.token, profile=args.profile,
+                   report=args.report, cases=args.case, models_root=args.models_dir, sampled=args.sampled,
+                   timeout=args.timeout, model_map=model_map, progress=not args.quiet, out=sys.stdout)
+
+
+COMMANDS = {"golden": cmd_golden, "trace": cmd_trace, "conform": cmd_conform}
+
+__all__ = ["register", "COMMANDS", "cmd_golden", "cmd_trace", "cmd_conform"]
