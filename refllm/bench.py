@@ -1,0 +1,723 @@
+"""`refllm bench`: how fast the NumPy path is, beside the peers, in one run.
+
+    prefill   tokens/s of one forward pass over a 128-token prompt (a fresh cache)
+    decode    tokens/s of 128 greedy steps after that prompt, batch 1
+    embed     sentences/s of short sentences, one at a time and 32 at a time
+
+for refllm (NumPy) and every peer that is installed: transformers (float32 LlamaForCausalLM),
+llama.cpp through llama-cpp-python on an F32 GGUF written here from the same
+safetensors, and sentence-transformers on the same embedding model directory. Each
+figure is the median of `rounds` timed runs after one untimed warm-up run; all engines
+get the same token ids, use every core, and pick the next token by the same greedy
+argmax of their float32 logits, so the comparison is the model's forward pass alone.
+
+The physics (as gpt-fast reports it): decoding one token reads every weight once (the
+tied lm_head included; the embedding row gather is negligible) plus the KV cache, so
+
+    achieved read bandwidth = decode tokens/s x bytes read per token
+    bandwidth floor         = machine read bandwidth / bytes read per token   (tokens/s)
+
+and the machine's read bandwidth is measured here, by a streaming read (a NumPy sum,
+one thread per core, each over its own slice) of a 512 MiB array: the best of five
+passes. Prefill is compute-bound and reports GFLOP/s (2 x multiply-adds of the
+projections and the attention). `memory` runs `refllm infer` in a child process and
+reads its peak resident set size (`wait4`'s ru_maxrss), against the float32 weight size.
+
+Used by `refllm bench` (`add_bench_arguments`, `bench_from_args`) and by the
+pytest-benchmark suites in `bench/`, which time the same engine methods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+PROMPT_TOKENS = 128
+DECODE_TOKENS = 128
+EMBED_BATCH = 32
+
+# A fixed English prompt, long enough for 128 tokens with any sensible BPE vocabulary.
+PROMPT = (
+    "The history of computing is a story of machines that learned to remember. Early "
+    "calculators could add and multiply, but they forgot each result as soon as it was "
+    "read. The stored-program computer changed that: instructions and data lived in the "
+    "same memory, and a program could rewrite itself. Over the following decades memory "
+    "grew from a few thousand words of magnetic core to billions of bytes of dynamic RAM, "
+    "while the time to fetch a word shrank far more slowly than the time to compute with "
+    "it. Today the speed of many programs, including the language models that answer our "
+    "questions, is set less by arithmetic than by how fast weights can be streamed from "
+    "memory into the processor. A model with one hundred million parameters in single "
+    "precision must read four hundred megabytes for every token it writes, and so the "
+    "memory bus, not the multiplier, decides how quickly the words appear on the screen."
+)
+
+# Short sentences, as a search index or a chat memory embeds them.
+SENTENCES = [
+    "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
+    "A man is riding a horse.", "A woman is playing violin.", "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground.", "A monkey is playing drums.",
+    "Someone in a gorilla costume is playing a set of drums.", "The cat sits outside.",
+    "A new movie is so great.", "The new movie is awesome.", "How do I reset my password?",
+    "What is the weather like in Paris today?", "Serverless functions start in milliseconds.",
+    "The quick brown fox jumps over the lazy dog.", "I forgot my umbrella at the station.",
+    "Please send me the quarterly report by Friday.", "Water boils at one hundred degrees Celsius.",
+    "She plays the piano every evening.", "The train to Berlin is delayed by ten minutes.",
+    "Neural networks learn from examples.", "My phone battery dies too quickly.",
+    "The museum opens at nine in the morning.", "He ordered a coffee with oat milk.",
+    "Spin runs WebAssembly components.", "The library closes early on Sundays.",
+    "Our team won the final match.", "Add two cups of flour and stir gently.",
+    "The river flooded after the storm.", "Can you recommend a good book on history?",
+    "Memory bandwidth limits token generation.",
+]
+
+
+# ------------------------------------------------------------------ results
+
+@dataclass
+class Result:
+    """One (task, engine) measurement: `seconds` of each timed round for `units` units."""
+
+    task: str  # "prefill", "decode", "embed b1", "embed b32"
+    engine: str
+    units: int  # tokens or sentences per round
+    unit: str  # "tok/s" or "sent/s"
+    seconds: list[float] = field(default_factory=list)
+    skipped: str | None = None  # why the engine was not measured
+
+    @property
+    def rate(self) -> float:  # units/s of the median round
+        return self.units / statistics.median(self.seconds) if self.seconds else float("nan")
+
+
+@dataclass
+class Report:
+    results: list[Result]
+    machine: dict
+    read_bandwidth: float | None = None  # bytes/s
+    decode_bytes_per_token: float | None = None
+    prefill_flops: float | None = None  # per prompt
+    weight_bytes: int | None = None  # float32 bytes of the Llama's weights
+    peak_rss: int | None = None  # bytes, `refllm infer`
+    peak_rss_note: str = ""
+
+    def rate(self, task: str, engine: str) -> float | None:
+        for r in self.results:
+            if r.task == task and r.engine == engine and r.seconds:
+                return r.rate
+        return None
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "rates": {f"{r.task} / {r.engine}": r.rate for r in self.results if r.seconds}}
+
+
+REFLLM = "refllm (NumPy)"
+LLAMA_CPP = "llama.cpp F32"
+TRANSFORMERS = "transformers f32"
+SENTENCE_TRANSFORMERS = "sentence-transformers"
+
+
+def time_rounds(run: Callable[[], float], rounds: int, warmup: int = 1) -> list[float]:
+    """`run()` returns the seconds of its timed part; warm-up rounds are discarded."""
+    for _ in range(warmup):
+        run()
+    return [run() for _ in range(rounds)]
+
+
+def n_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine_info() -> dict:
+    info = {"cpu": _cpu_name(), "cores": n_threads(), "python": platform.python_version(), "numpy": np.__version__}
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+        if blas:
+            b = blas[0]
+            info["blas"] = f"{b.get('internal_api')} {b.get('version')} ({b.get('architecture')}, {b.get('num_threads')} threads)"
+    except ImportError:
+        pass
+    try:
+        info["load average"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------------ physics
+
+def read_bandwidth(nbytes: int = 512 * 2**20, passes: int = 5, threads: int | None = None) -> float:
+    """The machine's streaming read bandwidth in bytes/s: the best of `passes` timed sums
+    of an array far larger than the caches, one slice per thread (NumPy's reductions
+    release the GIL, so the threads read in parallel)."""
+    threads = threads or n_threads()
+    a = np.ones(nbytes // 4, dtype=np.float32)  # [N] touched once, so the pages exist
+    slices = np.array_split(a, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(np.sum, slices))  # warm-up
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, slices))
+            best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best
+
+
+def llama_costs(config, prompt_tokens: int, decode_tokens: int) -> tuple[float, float, int]:
+    """(bytes read per decoded token, FLOPs of a prefill, float32 weight bytes) of a Llama.
+
+    Weights: every projection of every layer, the norms, and the lm_head (the embedding
+    matrix again when tied: read whole by the head, once per token). KV cache: K and V of
+    every earlier position, averaged over the decode steps.
+    """
+    c = config
+    D, F, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
+    NH, NKV, HD = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    per_layer = D * (NH + 2 * NKV) * HD + NH * HD * D + 3 * D * F  # projection weights
+    weights_read = L * (per_layer + 2 * D) + D + V * D  # + norms, final norm, lm_head
+    stored = weights_read + (0 if c.tie_word_embeddings else V * D)  # + a separate embedding
+    mean_pos = prompt_tokens + (decode_tokens - 1) / 2
+    kv_read = L * 2 * NKV * HD * mean_pos
+    T = prompt_tokens
+    prefill_flops = 2 * T * L * per_layer + 2 * V * D  # projections; the head for the last position
+    prefill_flops += L * 2 * 2 * NH * HD * T * (T + 1) / 2  # q k^T and p v over the causal triangle
+    return 4.0 * (weights_read + kv_read), float(prefill_flops), 4 * stored
+
+
+def infer_peak_rss(model: str, models_dir: str | None = None, max_tokens: int = 32, backend: str | None = None) -> int:
+    """Peak resident set size in bytes of `refllm infer` (a child process) on `model`."""
+    cmd = [sys.executable, "-m", "refllm.cli", "infer", "Tell me about memory bandwidth.", "--model", model,
+           "--max-tokens", str(max_tokens), "--seed", "0", "--no-pull"]
+    if models_dir:
+        cmd += ["--models-dir", str(models_dir)]
+    if backend:
+        cmd += ["--backend", backend]
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)  # the child's own rusage, no one else's
+    err = child.stderr.read().decode(errors="replace")
+    child.stderr.close()
+    if status != 0:
+        raise RuntimeError(f"refllm infer failed (status {status}): {err.strip()[-300:]}")
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return usage.ru_maxrss * scale
+
+
+# ------------------------------------------------------------------ decoder engines
+#
+# Each engine: `prefill(ids) -> next token` (greedy, from an empty state) and
+# `step(token) -> next token` (one decode step on the state prefill left).
+
+class RefllmLLM:
+    name = REFLLM
+
+    def __init__(self, model_dir):
+        from .llama import Llama
+
+        self.model = Llama.from_pretrained(model_dir, backend="numpy")
+        self.cache = None
+
+    def prefill(self, ids) -> int:
+        from .generate import prefill
+
+        self.cache = self.model.new_cache(len(ids) + DECODE_TOKENS + 1)
+        return int(np.argmax(prefill(self.model, ids, self.cache)))
+
+    def step(self, token: int) -> int:
+        from .generate import decode_one
+
+        return int(np.argmax(decode_one(self.model, token, self.cache)))
+
+
+class TransformersLLM:
+    name = TRANSFORMERS
+
+    def __init__(self, model_dir, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        self.past = None
+
+    def prefill(self, ids) -> int:
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([list(ids)]), use_cache=True, logits_to_keep=1)
+        self.past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def step(self, token: int) -> int:
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([[token]]), past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+
+class LlamaCppLLM:
+    name = LLAMA_CPP
+
+    def __init__(self, gguf_path, threads: int, n_ctx: int = 512):
+        from llama_cpp import Llama as LlamaCpp
+
+        self.llm = LlamaCpp(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                            n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+
+    def _next(self) -> int:
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))  # the last position's logits
+
+    def prefill(self, ids) -> int:
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return self._next()
+
+    def step(self, token: int) -> int:
+        self.llm.eval([token])
+        return self._next()
+
+
+def time_prefill(engine, ids) -> float:
+    t0 = time.perf_counter()
+    engine.prefill(ids)
+    return time.perf_counter() - t0
+
+
+def time_decode(engine, ids, n: int = DECODE_TOKENS) -> float:
+    """Prefill (untimed), then the seconds of `n` greedy decode steps."""
+    token = engine.prefill(ids)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        token = engine.step(token)
+    return time.perf_counter() - t0
+
+
+def greedy_tokens(engine, ids, n: int) -> list[int]:
+    out = [engine.prefill(ids)]
+    for _ in range(n - 1):
+        out.append(engine.step(out[-1]))
+    return out
+
+
+def prompt_ids(model_dir, n: int = PROMPT_TOKENS) -> list[int]:
+    """The first `n` token ids of PROMPT (BOS included), repeated if the text is short."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")).encode(PROMPT, add_special_tokens=True).ids
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+# ------------------------------------------------------------------ the F32 GGUF for llama.cpp
+
+def bench_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "refllm" / "bench"
+
+
+def permute_for_gguf(w, n_head: int):  # [n_head*HD, D] -> [n_head*HD, D]
+    """llama.cpp's Q/K row order (convert_hf_to_gguf.py `LlamaModel.permute`): within each
+    head, the rotate-half halves [x0..x31 | x32..x63] become adjacent pairs (x0, x32), ...
+    The inverse of `refllm.weights.gguf_to_hf.unpermute`."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_f32_gguf(model_dir, path) -> Path:
+    """An F32 GGUF of a Hugging Face Llama directory (config.json, model.safetensors,
+    tokenizer.json), as llama.cpp's convert_hf_to_gguf.py would write it with --outtype f32."""
+    import gguf
+
+    from .checkpoint import load_checkpoint
+    from .config import LlamaConfig
+
+    model_dir, path = Path(model_dir), Path(path)
+    c = LlamaConfig.from_file(model_dir / "config.json")
+    t = load_checkpoint(model_dir)
+    tok = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    w = gguf.GGUFWriter(str(partial), "llama")
+    w.add_name(model_dir.name)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    # Byte-level BPE vocabulary: tokens by id, special added tokens as CONTROL.
+    tokens = [f"[PAD{i}]" for i in range(c.vocab_size)]
+    types = [gguf.TokenType.UNUSED] * c.vocab_size
+    for text, i in tok["model"]["vocab"].items():
+        if i < c.vocab_size:
+            tokens[i], types[i] = text, gguf.TokenType.NORMAL
+    for added in tok.get("added_tokens", []):
+        if added["id"] < c.vocab_size:
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_gguf_pre_tokenizer(tok))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    eos = c.eos_token_id[0] if isinstance(c.eos_token_id, list) else c.eos_token_id
+    if c.bos_token_id is not None:
+        w.add_bos_token_id(c.bos_token_id)
+        # Does the tokenizer's post-processor put the BOS in front? Then llama.cpp must too.
+        from tokenizers import Tokenizer
+
+        first = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode("a", add_special_tokens=True).ids[:1]
+        w.add_add_bos_token(first == [c.bos_token_id])
+    if eos is not None:
+        w.add_eos_token_id(eos)
+
+    def f32(name):
+        return np.ascontiguousarray(t[name], dtype=np.float32)
+
+    w.add_tensor("token_embd.weight", f32("model.embed_tokens.weight"))
+    w.add_tensor("output_norm.weight", f32("model.norm.weight"))
+    if not c.tie_word_embeddings or "lm_head.weight" in t:
+        w.add_tensor("output.weight", f32("lm_head.weight"))
+    for i in range(c.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        w.add_tensor(b + "attn_norm.weight", f32(p + "input_layernorm.weight"))
+        w.add_tensor(b + "attn_q.weight", permute_for_gguf(f32(p + "self_attn.q_proj.weight"), c.num_attention_heads))
+        w.add_tensor(b + "attn_k.weight", permute_for_gguf(f32(p + "self_attn.k_proj.weight"), c.num_key_value_heads))
+        w.add_tensor(b + "attn_v.weight", f32(p + "self_attn.v_proj.weight"))
+        w.add_tensor(b + "attn_output.weight", f32(p + "self_attn.o_proj.weight"))
+        w.add_tensor(b + "ffn_norm.weight", f32(p + "post_attention_layernorm.weight"))
+        w.add_tensor(b + "ffn_gate.weight", f32(p + "mlp.gate_proj.weight"))
+        w.add_tensor(b + "ffn_up.weight", f32(p + "mlp.up_proj.weight"))
+        w.add_tensor(b + "ffn_down.weight", f32(p + "mlp.down_proj.weight"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(partial, path)
+    return path
+
+
+def _gguf_pre_tokenizer(tok: dict) -> str:
+    """llama.cpp's name for tokenizer.json's pre-tokenizer: "smollm" for digits split one
+    by one before GPT-2's byte-level split (SmolLM2, StarCoder), else GPT-2's "default"."""
+    pre = tok.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if any(p.get("type") == "Digits" and p.get("individual_digits") for p in steps):
+        return "smollm"
+    return "default"
+
+
+def ensure_f32_gguf(model_dir) -> Path:
+    """The cached F32 GGUF of `model_dir`, written on first use (or when the weights change)."""
+    model_dir = Path(model_dir)
+    source = model_dir / "model.safetensors"
+    path = bench_cache_dir() / f"{model_dir.name}-f32.gguf"
+    if not path.is_file() or (source.is_file() and source.stat().st_mtime > path.stat().st_mtime):
+        write_f32_gguf(model_dir, path)
+    return path
+
+
+# ------------------------------------------------------------------ embedding engines
+
+class RefllmEmbedder:
+    name = REFLLM
+
+    def __init__(self, model_dir):
+        from .embeddings import Embedder
+
+        self.embedder = Embedder.from_dir(model_dir, backend="numpy")
+
+    def embed(self, texts):  # N texts -> [N, H]
+        return self.embedder.embed_array(texts, chunk_size=len(texts))
+
+
+class SentenceTransformersEmbedder:
+    name = SENTENCE_TRANSFORMERS
+
+    def __init__(self, model_dir, threads: int):
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(threads)
+        self.model = SentenceTransformer(str(model_dir), device="cpu")
+
+    def embed(self, texts):  # N texts -> [N, H]
+        return self.model.encode(texts, batch_size=len(texts), convert_to_numpy=True,
+                                 normalize_embeddings=True, show_progress_bar=False)
+
+
+def time_embed(engine, sentences, batch: int) -> float:
+    """Seconds to embed all `sentences`, `batch` at a time."""
+    t0 = time.perf_counter()
+    for i in range(0, len(sentences), batch):
+        engine.embed(sentences[i : i + batch])
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------ loading the peers
+
+def load_peer(name: str, factory: Callable[[], object]):
+    """(engine, None) or (None, why it is skipped): a peer that is not installed or fails
+    to load is reported, never fatal."""
+    try:
+        return factory(), None
+    except ImportError as e:
+        return None, f"not installed ({e.name or e})"
+    except Exception as e:  # a peer's own failure: say what it was
+        return None, f"failed to load: {type(e).__name__}: {str(e)[:200]}"
+
+
+def llm_engines(model_dir, engines, threads: int):
+    """[(name, engine or None, skip reason)] for the decoder engines asked for."""
+    factories = {
+        REFLLM: lambda: RefllmLLM(model_dir),
+        LLAMA_CPP: lambda: (__import__("llama_cpp"), LlamaCppLLM(ensure_f32_gguf(model_dir), threads))[1],
+        TRANSFORMERS: lambda: TransformersLLM(model_dir, threads),
+    }
+    return [(name, *load_peer(name, factories[name])) for name in engines if name in factories]
+
+
+def embed_engines(model_dir, engines, threads: int):
+    factories = {
+        REFLLM: lambda: RefllmEmbedder(model_dir),
+        SENTENCE_TRANSFORMERS: lambda: SentenceTransformersEmbedder(model_dir, threads),
+    }
+    return [(name, *load_peer(name, factories[name])) for name in engines if name in factories]
+
+
+# ------------------------------------------------------------------ the whole run
+
+ALL_ENGINES = (REFLLM, LLAMA_CPP, TRANSFORMERS, SENTENCE_TRANSFORMERS)
+ALL_TASKS = ("prefill", "decode", "embed", "memory")
+
+
+def run(llama_dir=None, minilm_dir=None, *, rounds: int = 5, engines=ALL_ENGINES, tasks=ALL_TASKS,
+        models_dir=None, llm_name: str | None = None, log=print) -> Report:
+    """Measure everything asked for; a missing model directory skips its tasks."""
+    threads = n_threads()
+    report = Report(results=[], machine=machine_info())
+    log(f"# machine: {report.machine}")
+    log("# measuring read bandwidth ...")
+    report.read_bandwidth = read_bandwidth()
+    log(f"# read bandwidth: {report.read_bandwidth / 1e9:.1f} GB/s")
+
+    if llama_dir is not None:
+        from .config import LlamaConfig
+
+        config = LlamaConfig.from_file(Path(llama_dir) / "config.json")
+        report.decode_bytes_per_token, report.prefill_flops, report.weight_bytes = llama_costs(
+            config, PROMPT_TOKENS, DECODE_TOKENS)
+    if llama_dir is not None and ({"prefill", "decode"} & set(tasks)):
+        ids = prompt_ids(llama_dir)
+        for name, engine, skipped in llm_engines(llama_dir, engines, threads):
+            for task in ("prefill", "decode"):
+                if task not in tasks:
+                    continue
+                units = PROMPT_TOKENS if task == "prefill" else DECODE_TOKENS
+                result = Result(task, name, units, "tok/s", skipped=skipped)
+                if engine is not None:
+                    timed = (lambda: time_prefill(engine, ids)) if task == "prefill" else (lambda: time_decode(engine, ids))
+                    result.seconds = time_rounds(timed, rounds)
+                    log(f"# {task:8} {name:22} {result.rate:8.1f} tok/s")
+                else:
+                    log(f"# {task:8} {name:22} skipped: {skipped}")
+                report.results.append(result)
+            del engine
+
+    if minilm_dir is not None and "embed" in tasks:
+        for name, engine, skipped in embed_engines(minilm_dir, engines, threads):
+            for batch in (1, EMBED_BATCH):
+                result = Result(f"embed b{batch}", name, len(SENTENCES), "sent/s", skipped=skipped)
+                if engine is not None:
+                    result.seconds = time_rounds(lambda: time_embed(engine, SENTENCES, batch), rounds)
+                    log(f"# embed b{batch:<3} {name:22} {result.rate:8.1f} sent/s")
+                report.results.append(result)
+
+    if "memory" in tasks and llm_name is not None:
+        log("# measuring the peak memory of `refllm infer` ...")
+        try:
+            report.peak_rss = infer_peak_rss(llm_name, models_dir)
+        except Exception as e:
+            report.peak_rss_note = f"not measured: {e}"
+    return report
+
+
+# ------------------------------------------------------------------ the table and the chart
+
+def format_report(report: Report) -> str:
+    """The markdown table: each engine's rate, refllm's ratio to it, and the physics."""
+    lines = []
+    m = report.machine
+    lines.append(f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('blas', 'BLAS unknown')}; "
+                 f"load average {m.get('load average', '?')}.")
+    bw = report.read_bandwidth
+    bpt = report.decode_bytes_per_token
+    if bw:
+        lines.append(f"Measured read bandwidth: {bw / 1e9:.1f} GB/s (NumPy streaming sum, {m.get('cores')} threads)"
+                     + (f"; decode reads {bpt / 1e6:.0f} MB a token, so the bandwidth floor is "
+                        f"{bw / bpt:.1f} tok/s." if bpt else "."))
+    lines.append("")
+    lines.append("| task | engine | median | refllm ÷ engine | physics |")
+    lines.append("| --- | --- | ---: | ---: | --- |")
+    labels = {"prefill": f"prefill ({PROMPT_TOKENS}-token prompt)", "decode": f"decode ({DECODE_TOKENS} tokens, batch 1)",
+              "embed b1": "embeddings, batch 1", f"embed b{EMBED_BATCH}": f"embeddings, batch {EMBED_BATCH}"}
+    for r in report.results:
+        label = labels.get(r.task, r.task)
+        if not r.seconds:
+            lines.append(f"| {label} | {r.engine} | skipped: {r.skipped} | | |")
+            continue
+        ours = report.rate(r.task, REFLLM)
+        ratio = "" if r.engine == REFLLM or ours is None else f"{ours / r.rate:.2f}×"
+        physics = ""
+        if r.task == "decode" and bpt:
+            achieved = r.rate * bpt
+            physics = f"{achieved / 1e9:.1f} GB/s" + (f" ({achieved / bw:.0%} of measured)" if bw else "")
+        elif r.task == "prefill" and report.prefill_flops:
+            physics = f"{r.rate / PROMPT_TOKENS * report.prefill_flops / 1e9:.0f} GFLOP/s"
+        lines.append(f"| {label} | {r.engine} | {r.rate:.1f} {r.unit} | {ratio} | {physics} |")
+    if report.peak_rss is not None and report.weight_bytes:
+        lines.append("")
+        lines.append(f"Peak resident memory of `refllm infer` (default model): {report.peak_rss / 1e6:.0f} MB = "
+                     f"{report.peak_rss / report.weight_bytes:.2f}× the {report.weight_bytes / 1e6:.0f} MB of float32 weights.")
+    elif report.peak_rss_note:
+        lines.append("")
+        lines.append(f"Peak resident memory of `refllm infer`: {report.peak_rss_note}")
+    return "\n".join(lines)
+
+
+def write_chart(report: Report, path) -> Path | None:
+    """A PNG: decode and prefill tokens/s of each engine, decode against the bandwidth floor."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    colours = {REFLLM: "#2b6cb0", LLAMA_CPP: "#718096", TRANSFORMERS: "#dd6b20"}
+    for ax, task in zip(axes, ("decode", "prefill")):
+        rows = [r for r in report.results if r.task == task and r.seconds]
+        names = [r.engine for r in rows]
+        rates = [r.rate for r in rows]
+        bars = ax.barh(names, rates, color=[colours.get(n, "#4a5568") for n in names])
+        ax.bar_label(bars, fmt="%.0f", padding=3, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("tokens/s")
+        title = f"decode, batch 1 ({DECODE_TOKENS} tokens)" if task == "decode" else f"prefill ({PROMPT_TOKENS}-token prompt)"
+        if task == "decode" and report.read_bandwidth and report.decode_bytes_per_token:
+            floor = report.read_bandwidth / report.decode_bytes_per_token
+            ax.axvline(floor, color="#c53030", linestyle="--", linewidth=1.2)
+            ax.text(floor, len(rows) - 0.5, f" bandwidth floor\n {floor:.0f} tok/s\n ({report.read_bandwidth / 1e9:.0f} GB/s)",
+                    color="#c53030", fontsize=7, va="bottom")
+            ax.set_xlim(0, max(rates + [floor]) * 1.35)
+        elif rates:
+            ax.set_xlim(0, max(rates) * 1.2)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(f"SmolLM2-135M float32 on {report.machine.get('cores')} cores of {report.machine.get('cpu')}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------ the command line
+
+def add_bench_arguments(parser) -> None:
+    parser.add_argument("--models-dir", help="the models root (default: $REFLLM_MODELS_DIR, ./.spin/ai-models, the user cache)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="the decoder to measure")
+    parser.add_argument("--embedding-model", default="all-minilm-l6-v2", help="the embedding model to measure")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per measurement; the median is reported")
+    parser.add_argument("--engines", default=",".join(ALL_ENGINES),
+                        help=f"comma-separated subset of: {', '.join(ALL_ENGINES)} (peers not installed are skipped)")
+    parser.add_argument("--tasks", default=",".join(ALL_TASKS), help=f"comma-separated subset of: {', '.join(ALL_TASKS)}")
+    parser.add_argument("--chart", help="write the PNG chart here")
+    parser.add_argument("--json", dest="json_out", help="write the raw measurements here")
+    parser.add_argument("--no-pull", action="store_true", help="do not pull a missing default model")
+
+
+def _pick(text: str, allowed) -> list[str]:
+    by_lower = {a.lower(): a for a in allowed}
+    picked = []
+    for word in filter(None, (w.strip() for w in text.split(","))):
+        match = by_lower.get(word.lower()) or next((a for a in allowed if a.lower().startswith(word.lower())), None)
+        if match is None:
+            raise SystemExit(f"refllm bench: unknown choice {word!r}; choose from {', '.join(allowed)}")
+        picked.append(match)
+    return picked
+
+
+def bench_from_args(args) -> int:
+    from . import registry
+
+    if args.rounds < 1:
+        raise SystemExit("refllm bench: --rounds must be at least 1")
+    engines, tasks = _pick(args.engines, ALL_ENGINES), _pick(args.tasks, ALL_TASKS)
+    if not args.no_pull:
+        from .weights.catalog import CATALOG
+        from .weights.pull import ensure_model
+
+        for name, kind in ((args.model, "llama"), (args.embedding_model, "embedding")):
+            if name in CATALOG:
+                ensure_model(name, kind, args.models_dir)
+    llama_dir = registry.find_llm(args.model, args.models_dir) if {"prefill", "decode", "memory"} & set(tasks) else None
+    minilm_dir = registry.find_embedding_model(args.embedding_model, args.models_dir) if "embed" in tasks else None
+    report = run(llama_dir, minilm_dir, rounds=args.rounds, engines=engines, tasks=tasks,
+                 models_dir=args.models_dir, llm_name=args.model, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_report(report))
+    if args.chart:
+        written = write_chart(report, args.chart)
+        print(f"\nchart: {written}" if written else "\nchart: not written (pip install matplotlib)")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report.to_json(), indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="refllm bench", description=__doc__.split("\n")[0])
+    add_bench_arguments(parser)
+    return bench_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

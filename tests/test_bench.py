@@ -1,0 +1,83 @@
+"""refllm.bench on tiny models: the F32 GGUF round trip, the cost model, the report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refllm import bench
+from refllm.config import LlamaConfig
+from refllm.llama import Llama
+from tests.tiny_models import make_tiny_llm
+
+
+def test_permute_for_gguf_is_the_inverse_of_unpermute():
+    from refllm.weights.gguf_to_hf import unpermute
+
+    w = np.arange(3 * 8 * 5, dtype=np.float32).reshape(3 * 8, 5)  # 3 heads of 8 rows
+    assert not np.array_equal(bench.permute_for_gguf(w, 3), w)
+    np.testing.assert_array_equal(unpermute(bench.permute_for_gguf(w, 3), 3), w)
+
+
+def test_f32_gguf_round_trips_through_the_converter(tmp_path):
+    """Written from safetensors, read back by refllm's own GGUF -> HF converter: the same
+    float32 tensors, bit for bit, and the same tokenizer."""
+    pytest.importorskip("gguf")
+    from tokenizers import Tokenizer
+
+    from refllm.checkpoint import load_checkpoint
+    from refllm.weights.gguf_to_hf import convert
+
+    src = make_tiny_llm(tmp_path / "models")
+    path = bench.write_f32_gguf(src, tmp_path / "tiny-f32.gguf")
+    out = tmp_path / "back"
+    out.mkdir()
+    convert(path, out)
+    theirs, ours = load_checkpoint(out), load_checkpoint(src)
+    assert set(theirs) == set(ours)
+    for name in ours:
+        np.testing.assert_array_equal(theirs[name], ours[name], err_msg=name)
+    text = "The quick brown fox, 1234 naïve café"
+    ids = Tokenizer.from_file(str(src / "tokenizer.json")).encode(text).ids
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).encode(text).ids == ids
+
+
+def test_llama_costs_of_smollm2():
+    c = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    bytes_per_token, flops, weight_bytes = bench.llama_costs(c, 128, 128)
+    assert weight_bytes == 4 * 134_515_008  # SmolLM2-135M's parameter count
+    assert weight_bytes < bytes_per_token < 1.03 * weight_bytes  # + the KV cache
+    layers = 134_515_008 - 49152 * 576  # the embedding is a gather, bar the last position's head
+    assert 2 * 128 * layers < flops < 1.05 * 2 * 128 * layers  # + attention and the head
+
+
+def test_run_and_report_on_a_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "read_bandwidth", lambda: 20e9)
+    d = make_tiny_llm(tmp_path / "models", context=300)
+    report = bench.run(d, None, rounds=2, engines=[bench.REFLLM], tasks=["prefill", "decode"], log=lambda s: None)
+    assert [(r.task, r.engine, len(r.seconds)) for r in report.results] == [
+        ("prefill", bench.REFLLM, 2), ("decode", bench.REFLLM, 2)]
+    assert all(r.rate > 0 for r in report.results)
+    # A peer's row and the ratio column, with made-up seconds.
+    report.results.append(bench.Result("decode", bench.LLAMA_CPP, 128, "tok/s", seconds=[1.0]))
+    report.results.append(bench.Result("decode", bench.TRANSFORMERS, 128, "tok/s", skipped="not installed (torch)"))
+    table = bench.format_report(report)
+    ours = report.rate("decode", bench.REFLLM)
+    assert f"| {ours / 128:.2f}× |" in table
+    assert "skipped: not installed (torch)" in table
+    assert "GB/s" in table and "GFLOP/s" in table
+    if pytest.importorskip("matplotlib"):
+        png = bench.write_chart(report, tmp_path / "chart.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_greedy_tokens_of_the_refllm_engine_match_the_model(tmp_path):
+    d = make_tiny_llm(tmp_path / "models", context=64)
+    engine = bench.RefllmLLM(d)
+    ids = [0, 5, 9, 13, 7]
+    tokens = bench.greedy_tokens(engine, ids, 4)
+    model, seq = Llama.from_pretrained(d), list(ids)
+    for t in tokens:
+        assert int(np.argmax(model(seq)[-1])) == t
+        seq.append(t)
