@@ -22,7 +22,7 @@ One layer, kernel by kernel (shape letters of `refllm.config`; S = P + T):
     mlp_out = m @ down_proj.T                            matmul            [T, D]
 
 The residual stream h is float32 and is updated in place by the norm kernels; the
-q/k/v and gate/up projections are concatenated once at load, so each reads x once.
+q/k/v and gate/up projections are the numpy Llama's fused matrices, so each reads x once.
 Precision is the numpy backend's float32 mode: float32 storage, float32 (IEEE, not
 TF32) products, RoPE tables computed on the host in float64 and rounded once. The
 kernels compute in float32, so float64 stays the numpy backend's: asking the triton
@@ -127,17 +127,16 @@ class TritonLlama:
             raise ValueError(f"the triton backend computes in float32, not {model.dtype}")
         device = _kernels().device()
 
-        def dev(*arrays):  # numpy [..] (concatenated along dim 0) -> a float32 tensor on the device
-            a = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+        def dev(a):  # numpy -> a float32 tensor on the device (a copy)
             return torch.tensor(np.asarray(a, dtype=np.float32), device=device)
 
         layers = [
             TritonLlamaLayer(
                 input_layernorm=dev(layer.input_layernorm),
-                qkv_proj=dev(layer.q_proj, layer.k_proj, layer.v_proj),
+                qkv_proj=dev(layer.qkv_proj),
                 o_proj=dev(layer.o_proj),
                 post_attention_layernorm=dev(layer.post_attention_layernorm),
-                gate_up_proj=dev(layer.gate_proj, layer.up_proj),
+                gate_up_proj=dev(layer.gate_up_proj),
                 down_proj=dev(layer.down_proj),
             )
             for layer in model.layers
