@@ -28,7 +28,8 @@ of the forward pass stays in that dtype (see `refllm.ops`). Linear layers are wr
 `x @ W.T + b` with W as stored, `[out, in]`: no transposed copy is made, the BLAS call
 reads W transposed, and a float32 checkpoint stays memory-mapped.
 
-Backends: `from_pretrained(..., backend="numpy")` is the only one so far. The forward
+Backends: `from_pretrained(..., backend=...)` is chosen by `refllm.backend`; "triton"
+returns `refllm.bert_triton.TritonBert`, which has the same surface. The forward
 pass reaches every operator through `self.ops` (`linear` below and the functions of
 `refllm.ops`: layer_norm, gelu, gelu_tanh, masked_attention), so another backend
 supplies those in `_backend_ops` and keeps this file's data flow.
@@ -48,7 +49,7 @@ from .checkpoint import StrictLoader, load_checkpoint
 from .config import BertConfig
 from .errors import InvalidInputError
 
-BACKENDS = ("numpy",)
+BACKENDS = ("numpy", "triton")
 DTYPES = (np.float32, np.float64)
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # transformers' names for the tanh form
 
@@ -134,13 +135,19 @@ class Bert:
     # -- loading -------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, dtype=np.float32, backend: str = "numpy") -> "Bert":
+    def from_pretrained(cls, model_dir: str | Path, dtype=np.float32, backend: str | None = None) -> "Bert":
         """Load `model_dir`: config.json when present (else all-MiniLM-L6-v2's shape) and
         model.safetensors (or an index and shards), strictly: a missing, mis-shaped or
         unexpected tensor is a runtime-error naming it. `pooler.*` and
         `embeddings.position_ids` are ignored (and, under a `bert.` prefix, the task
         heads `cls.*`)."""
-        _backend_ops(backend)  # fail fast on an unknown backend, before reading anything
+        from .backend import resolve_backend
+
+        backend = resolve_backend(backend)  # "numpy" here; "triton" on CUDA (refllm.bert_triton)
+        if backend == "triton":
+            from .bert_triton import TritonBert
+
+            return TritonBert.from_pretrained(model_dir, dtype=dtype)
         dtype = np.dtype(dtype)
         if dtype not in [np.dtype(d) for d in DTYPES]:
             raise ValueError(f"dtype {dtype} is not supported (float32, float64)")

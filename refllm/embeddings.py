@@ -146,7 +146,7 @@ class Embedder:
         self._spin_model = None  # the same weights with the tanh GELU, made on first use
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, dtype=np.float32, backend: str = "numpy") -> "Embedder":
+    def from_dir(cls, model_dir: str | Path, dtype=np.float32, backend: str | None = None) -> "Embedder":
         """Load an embedding model directory: tokenizer.json, model.safetensors, optional
         config.json and sentence_bert_config.json (SPEC 5)."""
         model_dir = Path(model_dir)
