@@ -156,7 +156,7 @@ CHAT_EOS = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_sta
 CHAT_EOS_FIRST = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello! How can I help you today?"
 BATCH = ("A short one.",
          "A considerably longer sentence, with many more word pieces in it, so that the batch is padded.",
-         "", "Grüße 🙂")
+         "A sentence of middling length, padded in its batch.", "", "Grüße 🙂")
 
 BUILTIN: tuple[CaseSpec, ...] = (
     # --- greedy
@@ -547,7 +547,7 @@ def builtin_key(models_root=None, cases: Iterable[str] | None = None) -> str:
     shas = {name: model_files(path) for name, (kind, path) in
             _model_dirs(root, sorted({s.model for s in specs})).items()}
     blob = _dumps({"format_version": FORMAT_VERSION, "suite_version": SUITE_VERSION, "refllm": __version__,
-                   "spec": SPEC_VERSION, "cases": [s.name for s in specs], "models": shas})
+                   "spec": SPEC_VERSION, "cases": [repr(s) for s in specs], "models": shas})
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
