@@ -282,7 +282,7 @@ def test_hourly_quotas_answer_429_with_retry_after(models_root):
             assert post(s, "/infer", infer, token="a").status_code == 200
         r = post(s, "/infer", infer, token="a")
         assert r.status_code == 429 and "quota" in r.json()["error"]
-        assert 3590 <= int(r.headers["retry-after"]) <= 3600
+        assert 3000 <= int(r.headers["retry-after"]) <= 3600
         err = openai_error(post(s, "/v1/completions", {"prompt": "Hi", "max_tokens": 1}, token="a"), 429)
         assert err["code"] == "rate_limit_exceeded" and err["type"] == "requests"
         assert post(s, "/generate", {"inputs": "Hi"}, token="a").status_code == 429
