@@ -23,7 +23,7 @@ from scipy.special import erf
 
 def rms_norm(x, weight, eps):  # [..., D], [D] -> [..., D]
     """RMSNorm (Zhang & Sennrich 2019), as Llama: x / sqrt(mean(x^2) + eps) * weight."""
-    ms = np.mean(x * x, axis=-1, keepdims=True)  # [..., 1]
+    ms = np.add.reduce(x * x, axis=-1, keepdims=True) / x.shape[-1]  # [..., 1], = np.mean, minus its Python wrapper
     return x / np.sqrt(ms + eps) * weight
 
 
@@ -36,8 +36,8 @@ def layer_norm(x, weight, bias, eps):  # [..., H], [H], [H] -> [..., H]
 
 
 def softmax(x, axis=-1):  # [..., N] -> [..., N]
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
+    e = np.exp(x - np.maximum.reduce(x, axis=axis, keepdims=True))
+    return e / np.add.reduce(e, axis=axis, keepdims=True)
 
 
 def silu(x):  # [...] -> [...]
@@ -104,20 +104,21 @@ def causal_attention(q, k, v, start_pos):  # [T, NH, HD], [S, NKV, HD], [S, NKV,
     """Scaled dot-product attention with grouped-query heads and a causal mask.
 
     Query t sits at absolute position start_pos + t and sees keys 0 .. start_pos + t.
-    Query head h reads key/value head h // (NH / NKV), without copying K or V.
+    Query head h reads key/value head h // G (G = NH / NKV), without copying K or V:
+    the G query heads of a key/value head and the T positions are the rows of one
+    matrix, so each key/value head is one [T*G, HD] x [HD, S] product (for a decode
+    step, T = 1, every reshape here is a view).
     """
     T, NH, HD = q.shape
     S, NKV, _ = k.shape
     G = NH // NKV  # query heads per key/value head
-    qg = q.reshape(T, NKV, G, HD).transpose(1, 2, 0, 3)  # [NKV, G, T, HD]
-    kt = k.transpose(1, 2, 0)[:, None]  # [NKV, 1, HD, S]
-    vt = v.transpose(1, 0, 2)[:, None]  # [NKV, 1, S, HD]
-    scores = (qg @ kt) * q.dtype.type(1 / np.sqrt(HD))  # [NKV, G, T, S]
+    qg = q.reshape(T, NKV, G, HD).transpose(1, 0, 2, 3).reshape(NKV, T * G, HD)  # [NKV, T*G, HD], row t*G + g
+    scores = (qg @ k.transpose(1, 2, 0)) * q.dtype.type(1 / np.sqrt(HD))  # [NKV, T*G, S]
     if T > 1:
         visible = np.arange(S)[None, :] <= start_pos + np.arange(T)[:, None]  # [T, S]
-        scores = np.where(visible, scores, -np.inf)
-    out = softmax(scores) @ vt  # [NKV, G, T, HD]
-    return out.transpose(2, 0, 1, 3).reshape(T, NH, HD)
+        scores = np.where(np.repeat(visible, G, axis=0), scores, -np.inf)  # [T*G, S] rows match qg's
+    out = softmax(scores) @ v.transpose(1, 0, 2)  # [NKV, T*G, HD]
+    return out.reshape(NKV, T, G, HD).transpose(1, 0, 2, 3).reshape(T, NH, HD)
 
 
 def masked_attention(q, k, v, mask):  # [B, NH, T, HD] x3, [B, T] -> [B, NH, T, HD]
