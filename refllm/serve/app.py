@@ -75,7 +75,9 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found" if exc.status_code == 404 else "bad_request"
-        message = f"no route for {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+        message = str(exc.detail)
+        if exc.status_code in (404, 405):
+            message = f"no route for {request.method} {request.url.path}"
         return render(request, ServeError(kind, message), exc.status_code)
 
     @app.exception_handler(Exception)
@@ -164,7 +166,7 @@ def _quota(s: str) -> tuple[int, int]:
         if inference < 1 or embedding < 1:
             raise ValueError
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected INFERENCE,EMBEDDING request counts, e.g. 75,200; got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"expected INFERENCE,EMBEDDING counts, e.g. 75,200; got {s!r}") from None
     return inference, embedding
 
 
@@ -178,7 +180,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
     parser.add_argument("--models-dir", help="models root (default: $REFLLM_MODELS_DIR, ./.spin/ai-models, cache)")
     parser.add_argument("--default-model", default=DEFAULT_LLM,
-                        help=f"text-generation model for requests that name none, 'dummy' or 'tgi' (default: {DEFAULT_LLM})")
+                        help=f"text-generation model of requests naming none, 'dummy' or 'tgi' ({DEFAULT_LLM})")
     parser.add_argument("--default-embedding-model", default=DEFAULT_EMBEDDING_MODEL,
                         help=f"embedding model for requests that name none (default: {DEFAULT_EMBEDDING_MODEL})")
     g = parser.add_argument_group("limits (Fermyon Serverless AI's, as options)")
@@ -221,7 +223,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         token_models[token] = _names(models)
     inference_quota, embedding_quota = args.quota if args.quota else (None, None)
     return ServerConfig(
-        models_dir=args.models_dir, default_llm=args.default_model, default_embedding_model=args.default_embedding_model,
+        models_dir=args.models_dir, default_llm=args.default_model,
+        default_embedding_model=args.default_embedding_model,
         tokens=tuple(dict.fromkeys(tokens)), token_models=token_models, allowed_models=args.ai_models,
         inference_quota=inference_quota, embedding_quota=embedding_quota, quota_window_s=args.quota_window,
         max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes, concurrency=args.concurrency,

@@ -30,7 +30,6 @@ import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 import numpy as np
@@ -153,7 +152,7 @@ def _check_strings(obj: Any) -> None:
             try:
                 v.encode("utf-8")
             except UnicodeEncodeError:
-                raise ServeError("bad_request", "request body has a string with a lone UTF-16 surrogate escape") from None
+                raise ServeError("bad_request", "request body has a string with a lone UTF-16 surrogate") from None
         elif isinstance(v, dict):
             stack.extend(v.keys())
             stack.extend(v.values())
@@ -375,12 +374,9 @@ class Engine:
 
     # -- models --------------------------------------------------------------
 
-    @property
-    def root(self) -> Path:
-        return registry.models_root(self.config.models_dir)
-
-    def models(self) -> dict[str, registry.ModelEntry]:
-        return {e.name: e for e in registry.list_models(self.config.models_dir)}
+    def models(self) -> list[registry.ModelEntry]:
+        """The models on disk now (read at each request: a model pulled while serving is served)."""
+        return registry.list_models(self.config.models_dir)
 
     def default_for(self, task: str) -> str:
         return self.config.default_llm if task == GENERATE else self.config.default_embedding_model
@@ -395,17 +391,16 @@ class Engine:
             if task is None:
                 raise invalid("a model is required", "model")
             name = self.default_for(task)
-        entry = self.models().get(name)
-        if entry is None:
+        found = [e for e in self.models() if e.name == name]  # a name may be both a decoder and an encoder
+        if not found:
             raise ServeError("not_found", f"no model directory found in registry for model '{name}'",
                              param="model", extra={"model": name})
-        if task == GENERATE and entry.kind != "llama":
-            raise ServeError("model_not_supported", f"model '{name}' is an embedding model, not a text-generation model",
-                             param="model")
-        if task == EMBED and entry.kind != "embedding":
-            raise ServeError("model_not_supported", f"model '{name}' is a text-generation model, not an embedding model",
-                             param="model")
-        return entry
+        kind = {GENERATE: "llama", EMBED: "embedding", None: found[0].kind}[task]
+        for entry in found:
+            if entry.kind == kind:
+                return entry
+        is_, not_ = ("an embedding", "a text-generation") if kind == "llama" else ("a text-generation", "an embedding")
+        raise ServeError("model_not_supported", f"model '{name}' is {is_} model, not {not_} model", param="model")
 
     def loading_eta(self, entry: registry.ModelEntry) -> float | None:
         """Seconds until `entry` is loaded, if it is being loaded right now; else None."""

@@ -52,9 +52,9 @@ from .. import __version__
 from ..config import read_json
 from ..errors import LLMError
 from ..types import InferencingParams
-from .core import (EMBED, GENERATE, NO_TOP_K, PLACEHOLDER_MODELS, SSE_HEADERS, ServeError, dumps, get_bool,
-                   finished, get_float, get_int, get_str, get_str_list, header_true, invalid, log_softmax_at, read_json_object,
-                   sse, top_logprobs)
+from .core import (EMBED, GENERATE, NO_TOP_K, PLACEHOLDER_MODELS, SSE_HEADERS, ServeError, dumps, finished,
+                   get_bool, get_float, get_int, get_str, get_str_list, header_true, invalid, log_softmax_at,
+                   read_json_object, sse, top_logprobs)
 from .limits import EMBEDDING, INFERENCE, authenticate, permit
 
 router = APIRouter()
@@ -208,11 +208,9 @@ def _top_tokens(llm, logits, n: int) -> list[dict]:
             for i, lp in top_logprobs(logits, n)]
 
 
-def _headers(gen, cache: str | None = None) -> dict:
-    h = {"x-compute-type": "cpu", "x-prompt-tokens": str(len(gen.prompt_ids)), "x-generated-tokens": str(len(gen.tokens))}
-    if cache:
-        h["x-cache"] = cache
-    return h
+def _headers(gen) -> dict:  # as TGI's
+    return {"x-compute-type": "cpu", "x-prompt-tokens": str(len(gen.prompt_ids)),
+            "x-generated-tokens": str(len(gen.tokens))}
 
 
 async def text_generation(request: Request, body: dict, model: str | None, route: str,
@@ -288,8 +286,10 @@ async def text_generation(request: Request, body: dict, model: str | None, route
     content = dumps([out] if route == "compat" else out)
     headers = _headers(gen)
     if key is not None:
-        engine.cache.put(key, (content, headers))
-    return Response(content, media_type="application/json", headers={**headers, **({"x-cache": "miss"} if key else {})})
+        engine.cache.put(key, (content, dict(headers)))
+    if key is not None:
+        headers["x-cache"] = "miss"
+    return Response(content, media_type="application/json", headers=headers)
 
 
 # ----------------------------------------------------------------------------- feature extraction
@@ -385,8 +385,8 @@ async def info(request: Request) -> Response:
     authenticate(request)
     name = engine.config.default_llm
     context = None
-    entry = engine.models().get(name)
-    if entry is not None and entry.kind == "llama":
+    entry = next((e for e in engine.models() if e.name == name and e.kind == "llama"), None)
+    if entry is not None:
         try:
             context = read_json(entry.path / "config.json").get("max_position_embeddings")
         except LLMError:

@@ -55,7 +55,8 @@ U64 = 2**64 - 1
 _TYPES = {"rate_limited": "requests", "runtime": "server_error", "loading": "server_error",
           "forbidden": "permission_error"}
 _CODES = {"not_found": "model_not_found", "unauthorized": "invalid_api_key", "rate_limited": "rate_limit_exceeded",
-          "too_large": "request_too_large", "model_not_supported": "model_not_supported", "forbidden": "model_not_allowed"}
+          "too_large": "request_too_large", "model_not_supported": "model_not_supported",
+          "forbidden": "model_not_allowed"}
 
 
 def render_error(err: ServeError, status: int) -> Response:
@@ -109,7 +110,8 @@ class Sampling:
         options = body.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise invalid("`stream_options` must be an object", "stream_options")
-        self.include_usage = bool(options and get_bool(options, "include_usage", False, name="stream_options.include_usage"))
+        self.include_usage = bool(options) and get_bool(options, "include_usage", False,
+                                                        name="stream_options.include_usage")
         self.params = InferencingParams(
             max_tokens=max_tokens if max_tokens is not None else limits.cap,
             repeat_penalty=repetition_penalty, repeat_penalty_last_n_token_count=2**32 - 1,
@@ -211,7 +213,8 @@ async def chat_completions(request: Request) -> Response:
                     seen = n
             if not finished(gen):
                 return
-            yield chunk({}, FINISH_REASONS[gen.finish_reason], lp(seen, len(gen.steps)) if seen < len(gen.steps) else None)
+            tail = lp(seen, len(gen.steps)) if seen < len(gen.steps) else None  # tokens that added no text
+            yield chunk({}, FINISH_REASONS[gen.finish_reason], tail)
             if sampling.include_usage:
                 yield {**head, "choices": [], "usage": _usage(gen)}
 
@@ -292,12 +295,14 @@ async def completions(request: Request) -> Response:
     entry, llm, _, first = await _generation(request, body, sampling, lambda llm: prompts[0])
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for i, p in enumerate(prompts):
-        gen = first if i == 0 else await engine.generation(llm, p, sampling.params, seed=sampling.seed, stop=sampling.stop)
+        gen = first if i == 0 else await engine.generation(llm, p, sampling.params, seed=sampling.seed,
+                                                           stop=sampling.stop)
         if not await engine.run(gen, request):
             return Response(status_code=499)
         text = (p if echo else "") + gen.result.text
+        logprobs = _completion_logprobs(llm, gen, k, len(p) if echo else 0) if k is not None else None
         choices.append({"index": i, "text": text, "finish_reason": FINISH_REASONS[gen.finish_reason],
-                        "logprobs": _completion_logprobs(llm, gen, k, len(p) if echo else 0) if k is not None else None})
+                        "logprobs": logprobs})
         for key, v in _usage(gen).items():
             usage[key] += v
     return _json({"id": cid, "object": "text_completion", "created": created, "model": entry.name,
@@ -350,7 +355,7 @@ def _model(engine, e) -> dict:
 
 def _visible(request, engine):
     token = getattr(request.state, "token", None)
-    for e in engine.models().values():
+    for e in engine.models():
         try:
             engine.limits.check_model(token, e.name)
         except ServeError:

@@ -89,8 +89,8 @@ async def infer(request: Request) -> Response:
     result = gen.result
     if engine.config.profile == "spin":  # Spin 3's engine: prompt + completion, prompt + generated tokens
         u = result.usage
-        result = InferencingResult(prompt + result.text, InferencingUsage(u.prompt_token_count + u.generated_token_count,
-                                                                          u.generated_token_count))
+        usage = InferencingUsage(u.prompt_token_count + u.generated_token_count, u.generated_token_count)
+        result = InferencingResult(prompt + result.text, usage)
     return json_response({"text": result.text, "usage": {"promptTokenCount": result.usage.prompt_token_count,
                                                           "generatedTokenCount": result.usage.generated_token_count}})
 
@@ -109,7 +109,8 @@ async def embed(request: Request) -> Response:
     permit(request, entry.name, EMBEDDING)
     embedder = await engine.load_embedder(entry)
     result = await engine.embed(embedder, texts, profile=engine.config.profile)
-    return json_response({"embeddings": result.embeddings, "usage": {"promptTokenCount": result.usage.prompt_token_count}})
+    return json_response({"embeddings": result.embeddings,
+                          "usage": {"promptTokenCount": result.usage.prompt_token_count}})
 
 
 __all__ = ["router", "render_error", "parse_options"]
