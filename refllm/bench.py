@@ -284,13 +284,17 @@ class LlamaCppLLM:
     name = LLAMA_CPP
 
     def __init__(self, gguf_path, threads: int, n_ctx: int = 512):
-        from llama_cpp import Llama as LlamaCpp
+        import llama_cpp
 
-        self.llm = LlamaCpp(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                            n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+        self.llama_cpp = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                   n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
 
     def _next(self) -> int:
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))  # the last position's logits
+        # The last position's logits, read in place (`eval` keeps none without logits_all).
+        logits = self.llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.n_vocab,))))
 
     def prefill(self, ids) -> int:
         self.llm.reset()
