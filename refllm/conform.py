@@ -555,7 +555,7 @@ def _divergence(res: dict, case: dict, ctx: Context, params: InferencingParams, 
             div["logit_gap_at_least"] = want_pen - s["top"][-1][1]
     res["divergence"] = div
 
-    gap = div.get("logit_gap", s["margin"])
+    gap = div.get("logit_gap", max(s["margin"], div.get("logit_gap_at_least", -math.inf)))
     if case["sampling"]:
         near = s["margin"] < ctx.thresholds["tie_u"]
     else:

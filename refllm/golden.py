@@ -30,7 +30,8 @@ Format (version 1)
 ------------------
 A golden set is a directory:
 
-    golden.jsonl                  line 1: the header; then one case per line (JSON objects)
+    golden.jsonl                  line 1: the header; then one case per line (JSON objects,
+                                  ASCII, non-ASCII characters as \\u escapes)
     tokenizers/<model>.json       a copy of each model's tokenizer.json
     FORMAT.md                     this description
 
@@ -273,7 +274,8 @@ def params_from_json(d: dict) -> InferencingParams:
 
 
 def _dumps(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    """One JSON line: ASCII only (so no text can hold a line separator), strict (no NaN)."""
+    return json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
 
 
 # ----------------------------------------------------------------------------- model files
@@ -519,7 +521,7 @@ def load_golden(path) -> Golden:
     file = path / GOLDEN_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no golden set at {path} (expected {file})")
-    lines = [ln for ln in file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = [ln for ln in file.read_text(encoding="utf-8").split("\n") if ln.strip()]
     if not lines:
         raise ValueError(f"{file} is empty")
     header = json.loads(lines[0])

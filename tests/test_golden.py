@@ -54,7 +54,7 @@ def test_header(quick, models_root):
 
 
 def test_strict_json_lines(quick):
-    lines = (quick.dir / "golden.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = (quick.dir / "golden.jsonl").read_text(encoding="utf-8").rstrip("\n").split("\n")
     assert len(lines) == 1 + len(QUICK)
     for line in lines:  # readable by any JSON parser: no NaN/Infinity literals
         _strict(line)
@@ -125,8 +125,8 @@ def test_reproducible(tmp_path, models_root, quick):
     assert a.read_bytes() == b.read_bytes()
     assert (tmp_path / "a" / "FORMAT.md").read_bytes() == (tmp_path / "b" / "FORMAT.md").read_bytes()
     # and the same cases, byte for byte, as in the cached quick set written by another run
-    lines = a.read_text(encoding="utf-8").splitlines()[1:]
-    cached = {json.loads(ln)["name"]: ln for ln in (quick.dir / "golden.jsonl").read_text(encoding="utf-8").splitlines()[1:]}
+    lines = a.read_text(encoding="utf-8").rstrip("\n").split("\n")[1:]
+    cached = {json.loads(ln)["name"]: ln for ln in (quick.dir / "golden.jsonl").read_text(encoding="utf-8").rstrip("\n").split("\n")[1:]}
     assert lines == [cached[n] for n in names]
 
 
