@@ -64,7 +64,12 @@ class LoadedLLM:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, special tokens (the BOS) added by the tokenizer."""
-        return self.tokenizer.encode(text, add_special_tokens=True).ids
+        if not isinstance(text, str):
+            raise InvalidInputError(f"prompt must be a string, got {type(text).__name__}")
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=True).ids
+        except (TypeError, ValueError) as e:  # e.g. a lone surrogate, which is not UTF-8
+            raise InvalidInputError(f"prompt is not valid Unicode text ({e})") from e
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

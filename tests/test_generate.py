@@ -178,6 +178,8 @@ def test_model_errors(root, tmp_path):
         refllm.infer("broken", "Hello", models_dir=tmp_path)
     with pytest.raises(InvalidInputError, match="prompt must be a string"):
         refllm.infer("tiny", 42, models_dir=root)
+    with pytest.raises(InvalidInputError, match="not valid Unicode"):
+        refllm.infer("tiny", "lone \ud800 surrogate", models_dir=root)
 
 
 def test_models_are_loaded_once(root):
