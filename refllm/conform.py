@@ -44,7 +44,8 @@ Thresholds (`THRESHOLDS`; a case fails, and the exit code is 1, when one is cros
 
     tie_logit   2e-3    a greedy divergence where refllm's logit gap is below this is a
                         near tie (float32 backends' logits are ~2e-4 off float64), a warning
-    tie_u       1e-6    a sampled divergence with u this close to an interval's end: a near tie
+    tie_u       1e-4    a sampled divergence with u this close to an interval's end: a near tie
+                        (float32 sums over thousands of candidates are ~1e-5 off)
     logprob     2e-3    max |backend logprob - reference| over the compared steps
     cosine      0.99999 minimum cosine of an embedding to the float64 reference
     norm        1e-3    max | |v| - 1 | of an embedding
@@ -93,7 +94,7 @@ import numpy as np
 from .golden import Golden, builtin_golden_dir, load_golden, params_from_json
 from .types import InferencingParams
 
-THRESHOLDS = {"tie_logit": 2e-3, "tie_u": 1e-6, "logprob": 2e-3, "cosine": 0.99999, "norm": 1e-3}
+THRESHOLDS = {"tie_logit": 2e-3, "tie_u": 1e-4, "logprob": 2e-3, "cosine": 0.99999, "norm": 1e-3}
 DIALECTS = ("spin", "tgi", "openai")
 PROFILES = ("spec", "spin", "hf", "llama.cpp")
 REPORT_VERSION = 1

@@ -251,7 +251,9 @@ def hf_top_k(scores, top_k: int, min_tokens_to_keep: int = 1) -> np.ndarray:  # 
 def hf_top_p(scores, top_p: float, min_tokens_to_keep: int = 1) -> np.ndarray:  # [V] -> [V] float64
     """TopPLogitsWarper: sort ascending, cumulative softmax mass, remove where it is
     ``<= 1 - top_p``, keep at least the last ``min_tokens_to_keep``. The softmax is over
-    the scores as they are (-inf from top-k has mass 0): the RENORMALISED mass."""
+    the scores as they are (-inf from top-k has mass 0): the RENORMALISED mass. Equal
+    scores are sorted lower id first (``torch.sort`` leaves their order unspecified, which
+    matters only when the cut falls between two equal scores)."""
     x = np.array(scores, dtype=np.float64)  # [V]
     order = np.argsort(x, kind="stable")  # [V] ascending; ties: lower id first
     cum = np.cumsum(hf_softmax(x[order]))  # [V] ascending cumulative mass
