@@ -531,7 +531,7 @@ def load_golden(path) -> Golden:
     path = Path(path)
     file = path / GOLDEN_FILE if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"no golden set at {path} (expected {file})")
+        raise FileNotFoundError(f"no golden set at {path} (no {GOLDEN_FILE} there)")
     lines = [ln for ln in file.read_text(encoding="utf-8").split("\n") if ln.strip()]
     if not lines:
         raise ValueError(f"{file} is empty")

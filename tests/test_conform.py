@@ -233,6 +233,20 @@ def test_near_tie_is_told_from_a_bug(canned, golden_dir, tmp_path, capsys):
     assert "near tie at step 2" in out
 
 
+def test_token_list_without_the_eos(canned, golden_dir, tmp_path, capsys):
+    """An OpenAI-compatible server that stops on the EOS but leaves it out of its logprobs."""
+    case = load_golden(golden_dir).case("chat-eos")
+    steps = case["steps"][:-1]
+    _Canned.answer = {"choices": [{"index": 0, "text": case["text"], "finish_reason": "stop",
+                                   "logprobs": {"tokens": [s["text"] for s in steps],
+                                                "token_logprobs": [s["logprob"] for s in steps]}}],
+                      "usage": {"prompt_tokens": 21, "completion_tokens": 3, "total_tokens": 24}}
+    code, doc, out = _run(canned, golden_dir, tmp_path, ["chat-eos"], capsys, dialect="openai")
+    c = _case(doc, "chat-eos")
+    assert code == 0 and c["match"] == 3 and c["logprobs"]["max_abs_diff"] == 0.0, out
+    assert "leaves out the EOS" in c["notes"][0]
+
+
 def test_unreachable_backend_exits_2(golden_dir, capsys):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
