@@ -159,7 +159,8 @@ class Transport:
         req = urllib.request.Request(url, data=data, headers=self.headers, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return _response(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read().decode("utf-8", "replace"))
+                text = r.read().decode("utf-8", "replace")
+                return _response(r.status, {k.lower(): v for k, v in r.headers.items()}, text)
         except urllib.error.HTTPError as e:
             return _response(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode("utf-8", "replace"))
         except urllib.error.URLError as e:
@@ -528,7 +529,8 @@ def _divergence(res: dict, case: dict, ctx: Context, params: InferencingParams, 
     eos_ids = ctx.golden.header.get("models", {}).get(model, {}).get("eos_token_ids") or []
     got_tok: dict = {}
     if how == "id":
-        got_tok = {"id": int(got.tokens[k]["id"]), "text": got.tokens[k].get("text")} if k < len(got.tokens) else {"end": True}
+        got_tok = ({"id": int(got.tokens[k]["id"]), "text": got.tokens[k].get("text")} if k < len(got.tokens)
+                   else {"end": True})
     elif how == "token-text":
         if k < len(got.tokens):
             got_tok = {"text": got.tokens[k].get("text")}
@@ -625,7 +627,8 @@ def _check_usage(res: dict, case: dict, ctx: Context, got: Got, full: bool) -> N
     if got.prompt_tokens is not None and got.prompt_tokens != exp["prompt_token_count"]:
         ok = False
         generated = got.generated_tokens if got.generated_tokens is not None else spec_u["generated_token_count"]
-        if ctx.profile != "spin" and got.prompt_tokens == spec_u["prompt_token_count"] + generated != spec_u["prompt_token_count"]:
+        spin3 = spec_u["prompt_token_count"] + generated
+        if ctx.profile != "spin" and got.prompt_tokens == spin3 != spec_u["prompt_token_count"]:
             _fault(res, "usage-spin3", f"prompt-token-count {got.prompt_tokens} = prompt + generated tokens "
                                        f"(Spin 3's counting); the WIT's is {exp['prompt_token_count']}")
         elif ctx.profile == "spin" and got.prompt_tokens == spec_u["prompt_token_count"]:
@@ -775,7 +778,8 @@ def _cell(r: dict) -> tuple[str, str, str]:
     if r["kind"] == "embed":
         c = r.get("cosine_min")
         u = r.get("usage") or {}
-        return (f"cos {c:.7f}" if c is not None else ""), "", {True: "ok", False: "DIFF", None: "n/a"}[u.get("equal")] if u else ""
+        usage = {True: "ok", False: "DIFF", None: "n/a"}[u.get("equal")] if u else ""
+        return (f"cos {c:.7f}" if c is not None else ""), "", usage
     e = r.get("error") or {}
     return (f"HTTP {e.get('status')}" if e else ""), (e.get("variant") or ""), ""
 

@@ -12,7 +12,8 @@ first time it is asked for (well under a minute to two minutes on a CPU), into
 ``$REFLLM_GOLDEN_CACHE`` or else ``$XDG_CACHE_HOME/refllm/golden`` (by default
 ``~/.cache/refllm/golden``), in a directory named after a hash of the suite, refllm's
 version, the source of the modules that compute it and the models' sha256s, so that a
-new refllm, a change to its arithmetic or a new model makes a new set.
+new refllm, a change to its arithmetic or a new model makes a new set (the newest 8
+are kept).
 `refllm golden --out DIR` writes one where you choose; `refllm conform` without
 ``--golden`` uses the cached one.
 
@@ -109,7 +110,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -588,7 +589,19 @@ def builtin_golden_dir(models_root=None, cases: Iterable[str] | None = None, *, 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    _prune(root, keep=KEEP_CACHED)
     return target
+
+
+KEEP_CACHED = 8  # built-in sets kept in the cache (the most recently written)
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Remove all but the `keep` newest built-in sets from the cache."""
+    sets = sorted((d for d in root.glob(f"{SUITE}-v*") if (d / GOLDEN_FILE).is_file()),
+                  key=lambda d: (d / GOLDEN_FILE).stat().st_mtime, reverse=True)
+    for d in sets[keep:]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 __all__ = ["write_golden", "load_golden", "builtin_golden_dir", "Golden", "CaseSpec", "BUILTIN", "QUICK",

@@ -162,7 +162,8 @@ def print_trace(t: Trace, file: TextIO | None = None, width: int = 5) -> None:
     w = lambda s="": print(s, file=out)  # noqa: E731
     w(f"trace  {t.model}  seed {t.seed}  max-tokens {p.max_tokens}  temperature {p.temperature}  top-k {p.top_k}  "
       f"top-p {p.top_p}  repeat-penalty {p.repeat_penalty} over {p.repeat_penalty_last_n_token_count}")
-    w(f"prompt ({len(t.prompt_ids)} tokens) {_q(t.prompt, 60)}  ids {t.prompt_ids[:16]}{' …' if len(t.prompt_ids) > 16 else ''}")
+    more = " …" if len(t.prompt_ids) > 16 else ""
+    w(f"prompt ({len(t.prompt_ids)} tokens) {_q(t.prompt, 60)}  ids {t.prompt_ids[:16]}{more}")
     for s in t.steps:
         w()
         head = f"step {s.index}  -> {s.token} {_q(s.text, 20)}"
@@ -183,7 +184,8 @@ def print_trace(t: Trace, file: TextIO | None = None, width: int = 5) -> None:
         w(f"  {'#':>3} {'id':>7}  {'token':<14} {'p':>10} {'weight':>10}   u interval")
         for i, c in enumerate(s.candidates):
             arrow = "  <- u" if c.id == s.token else ""
-            w(f"  {i:>3} {c.id:>7}  {_q(c.text, 14):<14} {c.p:>10.6f} {c.weight:>10.6f}   [{c.lo:.6f}, {c.hi:.6f}){arrow}")
+            w(f"  {i:>3} {c.id:>7}  {_q(c.text, 14):<14} {c.p:>10.6f} {c.weight:>10.6f}   "
+              f"[{c.lo:.6f}, {c.hi:.6f}){arrow}")
         if s.top_p_kept and s.top_p_kept > len(s.candidates):
             w(f"  ... {s.top_p_kept - len(s.candidates)} more candidates")
     w()
