@@ -35,13 +35,19 @@ from .errors import LLMRuntimeError
 
 @dataclass
 class LlamaLayer:
-    """One decoder layer's weights, in the checkpoint's [out, in] layout.
+    """One decoder layer's weights, with the checkpoint's [out, in] shapes.
 
     The three attention projections are rows of one fused matrix, and so are the
     gate and up projections, so that one pass over `qkv_proj` (or `gate_up_proj`)
     computes all of them: one matrix-vector product per step instead of three (or
     two). `q_proj` .. `up_proj` are views of their rows, with the checkpoint's shapes.
     Built from the nine separate matrices, a layer fuses them itself.
+
+    Loaded by `Llama.from_state_dict`, every matrix is stored column-major (Fortran
+    order): `x @ W.T` then multiplies by a row-major [in, out] matrix, for which
+    OpenBLAS's single-row product (sgemv "N") streams about 1.5x faster than over the
+    [out, in] rows (sgemv "T"): 17 vs 11 GB/s on one core, 26 vs 19 GB/s on two, for
+    SmolLM2's matrices (bench/, AMD EPYC, OpenBLAS 0.3.31 Haswell kernels).
     """
 
     input_layernorm: np.ndarray  # [D]
@@ -58,9 +64,9 @@ class LlamaLayer:
 
     def __post_init__(self):
         if self.qkv_proj is None:
-            self.qkv_proj = np.concatenate([self.q_proj, self.k_proj, self.v_proj])  # [(NH+2*NKV)*HD, D]
+            self.qkv_proj = np.asfortranarray(np.concatenate([self.q_proj, self.k_proj, self.v_proj]))  # [(NH+2*NKV)*HD, D]
         if self.gate_up_proj is None:
-            self.gate_up_proj = np.concatenate([self.gate_proj, self.up_proj])  # [2F, D]
+            self.gate_up_proj = np.asfortranarray(np.concatenate([self.gate_proj, self.up_proj]))  # [2F, D]
         # The separate projections are views of the fused rows: one copy of each weight.
         q, k = self.q_proj.shape[0], self.k_proj.shape[0]
         self.q_proj, self.k_proj, self.v_proj = np.split(self.qkv_proj, [q, q + k])
@@ -145,34 +151,39 @@ class Llama:
         D, F, V = c.hidden_size, c.intermediate_size, c.vocab_size
         NH, NKV, HD = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         w = StrictLoader(tensors, dtype, source, ignore_prefixes=("model.rotary_emb.",))
+        def column_major(shape):  # an empty matrix for `w.take(..., out=)`, see LlamaLayer
+            return np.empty(shape, dtype=dtype, order="F")
+
+        # Each tensor is copied into its place and its mapped pages released (StrictLoader
+        # .take with out=), so loading never holds a weight twice.
         layers = []
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
-            # Fused projections are filled tensor by tensor; each copied tensor's mapped
-            # pages are released, so loading never holds a weight twice.
-            qkv = np.empty(((NH + 2 * NKV) * HD, D), dtype=dtype)  # [(NH+2*NKV)*HD, D]
-            gate_up = np.empty((2 * F, D), dtype=dtype)  # [2F, D]
+            qkv = column_major(((NH + 2 * NKV) * HD, D))  # [(NH+2*NKV)*HD, D]
+            gate_up = column_major((2 * F, D))  # [2F, D]
             layers.append(
                 LlamaLayer(
                     input_layernorm=w.take(p + "input_layernorm.weight", (D,)),
                     q_proj=w.take(p + "self_attn.q_proj.weight", (NH * HD, D), out=qkv[: NH * HD]),
                     k_proj=w.take(p + "self_attn.k_proj.weight", (NKV * HD, D), out=qkv[NH * HD : (NH + NKV) * HD]),
                     v_proj=w.take(p + "self_attn.v_proj.weight", (NKV * HD, D), out=qkv[(NH + NKV) * HD :]),
-                    o_proj=w.take(p + "self_attn.o_proj.weight", (D, NH * HD)),
+                    o_proj=w.take(p + "self_attn.o_proj.weight", (D, NH * HD), out=column_major((D, NH * HD))),
                     post_attention_layernorm=w.take(p + "post_attention_layernorm.weight", (D,)),
                     gate_proj=w.take(p + "mlp.gate_proj.weight", (F, D), out=gate_up[:F]),
                     up_proj=w.take(p + "mlp.up_proj.weight", (F, D), out=gate_up[F:]),
-                    down_proj=w.take(p + "mlp.down_proj.weight", (D, F)),
+                    down_proj=w.take(p + "mlp.down_proj.weight", (D, F), out=column_major((D, F))),
                     qkv_proj=qkv,
                     gate_up_proj=gate_up,
                 )
             )
-        embed_tokens = w.take("model.embed_tokens.weight", (V, D))
+        # The head is a single-row product too; the embedding lookup then reads each row
+        # with a stride (D scattered reads per token: negligible).
+        embed_tokens = w.take("model.embed_tokens.weight", (V, D), out=column_major((V, D)))  # [V, D]
         norm = w.take("model.norm.weight", (D,))
         if c.tie_word_embeddings and not w.has("lm_head.weight"):
             lm_head = embed_tokens
         else:
-            lm_head = w.take("lm_head.weight", (V, D))
+            lm_head = w.take("lm_head.weight", (V, D), out=column_major((V, D)))  # [V, D]
         w.finish()
         return cls(c, embed_tokens, layers, norm, lm_head, dtype=dtype)
 

@@ -104,20 +104,28 @@ def causal_attention(q, k, v, start_pos):  # [T, NH, HD], [S, NKV, HD], [S, NKV,
     """Scaled dot-product attention with grouped-query heads and a causal mask.
 
     Query t sits at absolute position start_pos + t and sees keys 0 .. start_pos + t.
-    Query head h reads key/value head h // G (G = NH / NKV), without copying K or V:
-    the G query heads of a key/value head and the T positions are the rows of one
-    matrix, so each key/value head is one [T*G, HD] x [HD, S] product (for a decode
-    step, T = 1, every reshape here is a view).
+    Query head h reads key/value head h // G (G = NH / NKV), without copying K or V.
+    A prompt (T > 1): the G query heads of a key/value head and the T positions are the
+    rows of one matrix, so each key/value head is one [T*G, HD] x [HD, S] product. A
+    decode step (T = 1): each query head is a matrix-vector product with its head's
+    keys, and its probabilities one with the values (BLAS gemv: less fixed cost per
+    call than a gemm with 1..G rows); every reshape is then a view.
     """
     T, NH, HD = q.shape
     S, NKV, _ = k.shape
     G = NH // NKV  # query heads per key/value head
+    scale = q.dtype.type(1 / np.sqrt(HD))
+    kh, vh = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [NKV, S, HD] x2, views of the cache
+    if T == 1:
+        qg = q.reshape(NKV, G, HD, 1)  # [NKV, G, HD, 1]
+        scores = (kh[:, None] @ qg)[..., 0] * scale  # [NKV, G, S]
+        out = softmax(scores)[:, :, None, :] @ vh[:, None]  # [NKV, G, 1, HD]
+        return out.reshape(1, NH, HD)
     qg = q.reshape(T, NKV, G, HD).transpose(1, 0, 2, 3).reshape(NKV, T * G, HD)  # [NKV, T*G, HD], row t*G + g
-    scores = (qg @ k.transpose(1, 2, 0)) * q.dtype.type(1 / np.sqrt(HD))  # [NKV, T*G, S]
-    if T > 1:
-        visible = np.arange(S)[None, :] <= start_pos + np.arange(T)[:, None]  # [T, S]
-        scores = np.where(np.repeat(visible, G, axis=0), scores, -np.inf)  # [T*G, S] rows match qg's
-    out = softmax(scores) @ v.transpose(1, 0, 2)  # [NKV, T*G, HD]
+    scores = (qg @ kh.transpose(0, 2, 1)) * scale  # [NKV, T*G, S]
+    visible = np.arange(S)[None, :] <= start_pos + np.arange(T)[:, None]  # [T, S]
+    scores = np.where(np.repeat(visible, G, axis=0), scores, -np.inf)  # [T*G, S] rows match qg's
+    out = softmax(scores) @ vh  # [NKV, T*G, HD]
     return out.reshape(NKV, T, G, HD).transpose(1, 0, 2, 3).reshape(T, NH, HD)
 
 
