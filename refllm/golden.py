@@ -19,8 +19,9 @@ are kept).
 
 How each case is computed. Generation cases run `refllm.generate.Generation` (exactly
 what `refllm.infer(..., precision="float64")` runs) on the decoder loaded in float64
-(``engine.get_llm(path, precision="float64", backend="numpy")``), recording the float64 logits of every
-step before they are rounded to float32 for sampling (SPEC 3's step 1 is float32);
+with NumPy (``engine.get_llm(path, precision="float64", backend="numpy")``), recording
+the float64 logits of every step before they are rounded to float32 for sampling
+(SPEC 3's step 1 is float32);
 the draws are SPEC 3's, ``numpy.random.Generator(PCG64(seed)).random()``, one per
 sampled token. Embedding cases run the float64 encoder with the spec profile and
 with Spin 3's (SPEC 6). Error cases call `refllm.infer` / `refllm.generate_embeddings`
@@ -181,10 +182,10 @@ BUILTIN: tuple[CaseSpec, ...] = (
     # --- the WIT defaults, several seeds
     CaseSpec("wit-defaults", "generate", "the WIT's defaults (1.1, 64, 0.8, 40, 0.9), max-tokens lowered to 6",
              LLM, FRANCE, _p(max_tokens=6), seed=1, quick=True),
-    CaseSpec("wit-defaults-seed-2", "generate", "the WIT's defaults, another seed", LLM, FRANCE,
+    CaseSpec("wit-defaults-seed-2", "generate", "the WIT's defaults, another seed (draws an EOS)", LLM, FRANCE,
              _p(max_tokens=4), seed=2),
-    CaseSpec("wit-defaults-seed-3", "generate", "the WIT's defaults, another seed", LLM, FRANCE,
-             _p(max_tokens=4), seed=3),
+    CaseSpec("wit-defaults-seed-7", "generate", "the WIT's defaults, another seed", LLM, FRANCE,
+             _p(max_tokens=4), seed=7),
     # --- each knob alone, then together
     CaseSpec("temperature", "generate", "temperature 0.6 alone (no top-k, no top-p, no penalty)", LLM, STORY,
              _p(max_tokens=6, temperature=0.6, top_k=ALL, top_p=1.0, repeat_penalty=1.0), seed=5),
