@@ -5,6 +5,9 @@
     refllm infer [--model NAME] PROMPT    stream generated text to the terminal
     refllm embed [--model NAME] TEXT...   print embedding vectors (stdin: one text a line)
     refllm serve                          the HTTP server (Spin, Hugging Face, OpenAI)
+    refllm golden --out DIR               write the float64 golden set of the default models
+    refllm trace PROMPT                   one infer, step by step through the sampler
+    refllm conform --against URL          check another backend against the golden set
 
 Every failure ends with one line on stderr and a non-zero exit: 2 for a bad command
 line or invalid input, 3 for an unsupported model, 4 for a runtime error.
@@ -101,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_arguments = None
     if add_serve_arguments is not None:
         add_serve_arguments(sub.add_parser("serve", help="serve the Spin, Hugging Face and OpenAI HTTP APIs"))
+
+    from .oracle_cli import register as register_oracle
+
+    register_oracle(sub)  # golden, trace, conform
     return parser
 
 
@@ -195,7 +202,20 @@ def cmd_serve(args) -> int:
     return serve_from_args(args) or 0
 
 
-COMMANDS = {"pull": cmd_pull, "models": cmd_models, "infer": cmd_infer, "embed": cmd_embed, "serve": cmd_serve}
+def cmd_oracle(args) -> int:
+    """golden / trace / conform (refllm.oracle_cli), with the default models pulled first."""
+    from .oracle_cli import COMMANDS as ORACLE
+
+    if args.command == "trace":
+        _ensure(args.model, "llama", args)
+    elif args.command == "golden" and not args.list or args.command == "conform" and not args.golden:
+        _ensure(DEFAULT_LLM, "llama", args)
+        _ensure(DEFAULT_EMBEDDING, "embedding", args)
+    return ORACLE[args.command](args)
+
+
+COMMANDS = {"pull": cmd_pull, "models": cmd_models, "infer": cmd_infer, "embed": cmd_embed, "serve": cmd_serve,
+            "golden": cmd_oracle, "trace": cmd_oracle, "conform": cmd_oracle}
 
 
 def main(argv=None) -> int:

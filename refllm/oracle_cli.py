@@ -59,7 +59,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("golden", help="write the golden set of the default models (float64 reference)",
                               description="Run the built-in suite on the default models in float64 and write a "
                                           "golden set (golden.jsonl, tokenizers/, FORMAT.md) into DIR.")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
+    p.add_argument("--out", metavar="DIR", help="directory to write into (required unless --list)")
     p.add_argument("--models-dir", help="models root (default: $REFLLM_MODELS_DIR, ./.spin/ai-models, the cache)")
     p.add_argument("--case", action="append", metavar="NAME", help="only this case (repeatable)")
     p.add_argument("--quick", action="store_true", help="only the quick subset the tests replay")
@@ -115,11 +115,14 @@ def register(subparsers) -> None:
 
 def cmd_golden(args) -> int:
     from . import golden
+    from .errors import InvalidInputError
 
     if args.list:
         for c in golden.BUILTIN:
             print(f"{c.name:<30} {c.kind:<9} {'quick ' if c.quick else '      '}{c.description}")
         return 0
+    if not args.out:
+        raise InvalidInputError("golden: --out DIR is required (or --list)")
     cases = args.case or (list(golden.QUICK) if args.quick else None)
     path = golden.write_golden(args.out, args.models_dir, cases=cases, progress=not args.quiet)
     print(path)
