@@ -23,25 +23,11 @@ import argparse
 import json
 import sys
 
-DEFAULT_LLM = "smollm2-135m-instruct"
+from .cli import DEFAULT_LLM  # noqa: E402
 TRACE_MAX_TOKENS = 16
 
 
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-
-
-def _u32(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= v < 2**32:
-        raise argparse.ArgumentTypeError(f"out of range [0, 2^32): {v}")
-    return v
+from .cli import _finite_float as _float, _u32  # noqa: E402  (the same flag types as `refllm infer`)
 
 
 def _u64(text: str) -> int:

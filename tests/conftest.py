@@ -39,3 +39,24 @@ def llama_dir(models_root: Path) -> Path:
 def minilm_dir(models_root: Path) -> Path:
     """`<root>/all-minilm-l6-v2/`: the sentence-transformers folder of all-MiniLM-L6-v2."""
     return model_path(MINILM_NAME, models_root)
+
+
+@pytest.fixture(scope="module")
+def one_blas_thread():
+    """One BLAS and one torch thread for a test module.
+
+    The test machines have 2 cores, shared with whatever else runs; a multi-threaded
+    BLAS under that load is up to 10x slower than a single thread. Use with
+    `pytestmark = pytest.mark.usefixtures("one_blas_thread")`.
+    """
+    try:
+        import torch
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(n)

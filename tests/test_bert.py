@@ -42,20 +42,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One BLAS / torch thread: the test machines' 2 cores are shared, and a
-    multi-threaded BLAS under load is up to 10x slower than a single thread."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def random_state_dict(cfg: dict, seed: int) -> dict[str, "torch.Tensor"]:

@@ -24,7 +24,6 @@ from refllm.bert import Bert  # noqa: E402
 from refllm.embeddings import Embedder, l2_normalize, mean_pool  # noqa: E402
 from refllm.errors import InvalidInputError  # noqa: E402
 
-pytestmark = pytest.mark.slow  # needs the real model (pulled once by conftest)
 
 LONG_EN = "The quick brown fox jumps over the lazy dog while the cat watches from the window. " * 25
 LONG_CJK = "自然言語処理は人工知能の一分野であり、コンピュータが人間の言語を理解することを目指す。" * 12
@@ -55,20 +54,8 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One BLAS / torch thread: the test machines' 2 cores are shared, and a
-    multi-threaded BLAS under load is up to 10x slower than a single thread."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(n)
+# the real model (pulled once by conftest); one BLAS thread
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_blas_thread")]
 
 
 @pytest.fixture(scope="module")

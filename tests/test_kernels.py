@@ -50,20 +50,7 @@ TOL = {  # dtype: (atol, rtol)
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One BLAS / torch thread: the interpreter's NumPy under a shared 2-core load is up
-    to 10x slower with a multi-threaded BLAS."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def rand(rng, shape, dtype, scale=1.0, offset=0.0):

@@ -23,6 +23,7 @@ from tests.llama_util import hf_logits, hf_model
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # the real model, minutes of generation
 
 PROMPTS = [
     "The capital of France is",

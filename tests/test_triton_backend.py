@@ -43,19 +43,7 @@ TOL = 1e-4  # float32, max |Δ| of logits / hidden states
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the real models on the GPU)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One BLAS / torch thread: the test machines' 2 cores are shared."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def max_diff(name: str, a: np.ndarray, b: np.ndarray) -> float:
