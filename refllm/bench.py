@@ -209,22 +209,39 @@ def llama_costs(config, prompt_tokens: int, decode_tokens: int) -> tuple[float, 
     return 4.0 * (weights_read + kv_read), float(prefill_flops), 4 * stored
 
 
+# The child reports its own peak: on Linux /proc/self/status VmHWM, the high-water mark
+# of its own address space since exec. (The parent's view, wait4's ru_maxrss, also
+# counts the address space the child had before exec, the parent's copy when forked
+# from a big process such as a benchmark with three models loaded.)
+_PEAK_RSS_CHILD = """
+import sys
+from refllm.cli import main
+code = main(sys.argv[1:])
+try:
+    status = open("/proc/self/status").read()
+    peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
+except (OSError, IndexError):
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+print("peak-rss", peak, file=sys.stderr)
+sys.exit(code)
+"""
+
+
 def infer_peak_rss(model: str, models_dir: str | None = None, max_tokens: int = 32, backend: str | None = None) -> int:
     """Peak resident set size in bytes of `refllm infer` (a child process) on `model`."""
-    cmd = [sys.executable, "-m", "refllm.cli", "infer", "Tell me about memory bandwidth.", "--model", model,
-           "--max-tokens", str(max_tokens), "--seed", "0", "--no-pull"]
+    args = ["infer", "Tell me about memory bandwidth.", "--model", model, "--max-tokens", str(max_tokens),
+            "--seed", "0", "--no-pull"]
     if models_dir:
-        cmd += ["--models-dir", str(models_dir)]
+        args += ["--models-dir", str(models_dir)]
     if backend:
-        cmd += ["--backend", backend]
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)  # the child's own rusage, no one else's
-    err = child.stderr.read().decode(errors="replace")
-    child.stderr.close()
-    if status != 0:
-        raise RuntimeError(f"refllm infer failed (status {status}): {err.strip()[-300:]}")
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return usage.ru_maxrss * scale
+        args += ["--backend", backend]
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS_CHILD, *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, errors="replace")
+    lines = [line for line in done.stderr.splitlines() if line.startswith("peak-rss ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"refllm infer failed (exit {done.returncode}): {done.stderr.strip()[-300:]}")
+    return int(lines[-1].split()[1])
 
 
 # ------------------------------------------------------------------ decoder engines

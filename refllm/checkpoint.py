@@ -123,8 +123,13 @@ class StrictLoader:
             raise LLMRuntimeError(f"{self.source}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
         self.taken.add(name)
         if out is not None:
-            np.copyto(out, t)  # cast to out's dtype on the way
-            release_pages(t)
+            # Row blocks of ~16 MB, each released once copied: a big tensor (the embedding
+            # matrix) is never resident twice, as its mapped pages and as the copy.
+            src, dst = (t, out) if t.ndim else (t.reshape(1), out.reshape(1))
+            step = max(1, (16 << 20) // max(1, src[:1].nbytes))  # rows per block
+            for r in range(0, src.shape[0], step):
+                np.copyto(dst[r : r + step], src[r : r + step])  # cast to out's dtype on the way
+                release_pages(src[r : r + step])
             return out
         # float32 on disk and float32 wanted: keep the memory-mapped view (no copy).
         return t if t.dtype == self.dtype else t.astype(self.dtype)
