@@ -48,6 +48,7 @@ from . import ops
 from .checkpoint import StrictLoader, load_checkpoint
 from .config import BertConfig
 from .errors import InvalidInputError
+from .malloc import retain_freed_memory
 
 BACKENDS = ("numpy", "triton")
 DTYPES = (np.float32, np.float64)
@@ -61,7 +62,8 @@ TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # transformers' nam
 def linear(x, weight, bias):  # [..., in], [out, in], [out] -> [..., out]
     """x @ W.T + b, as one 2-D GEMM over all the rows (NumPy runs a 3-D @ 2-D matmul
     as a loop of smaller ones, about twice slower here)."""
-    y = x.reshape(-1, x.shape[-1]) @ weight.T + bias  # [B*T, out]
+    y = x.reshape(-1, x.shape[-1]) @ weight.T  # [B*T, out]
+    y += bias  # in place: no second [B*T, out] array
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -88,6 +90,9 @@ class BertEmbeddings:
 
 @dataclass
 class BertLayer:
+    """One encoder layer. `qkv` stacks the query, key and value projections by rows, so
+    that one GEMM computes all three; `query`, `key` and `value` are views of its rows."""
+
     query: Linear  # attention.self.query         [H, H]
     key: Linear  # attention.self.key             [H, H]
     value: Linear  # attention.self.value         [H, H]
@@ -96,6 +101,15 @@ class BertLayer:
     intermediate: Linear  # intermediate.dense    [F, H]
     output: Linear  # output.dense                [H, F]
     output_norm: LayerNorm  # output.LayerNorm    [H]
+    qkv: Linear | None = None  # query; key; value  [3H, H], [3H]
+
+    def __post_init__(self):
+        if self.qkv is None:
+            parts = (self.query, self.key, self.value)
+            self.qkv = Linear(np.concatenate([p.weight for p in parts]), np.concatenate([p.bias for p in parts]))
+        H = self.query.weight.shape[0]
+        self.query, self.key, self.value = (Linear(self.qkv.weight[i * H : (i + 1) * H], self.qkv.bias[i * H : (i + 1) * H])
+                                            for i in range(3))
 
 
 class _Prefix:
@@ -126,6 +140,7 @@ class Bert:
 
     def __init__(self, config: BertConfig, embeddings: BertEmbeddings, layers: list[BertLayer],
                  dtype=np.float32, backend: str = "numpy"):
+        retain_freed_memory()  # NumPy's temporaries reuse freed memory, no page faults (refllm.malloc)
         self.config, self.embeddings, self.layers = config, embeddings, layers
         self.dtype = np.dtype(dtype)
         self.backend = backend
@@ -220,12 +235,8 @@ class Bert:
         NH = self.config.num_attention_heads
         HD = H // NH
 
-        def heads(y):  # [B, T, H] -> [B, NH, T, HD]
-            return y.reshape(B, T, NH, HD).transpose(0, 2, 1, 3)
-
-        q = heads(self.linear(x, layer.query))  # [B, NH, T, HD]
-        k = heads(self.linear(x, layer.key))  # [B, NH, T, HD]
-        v = heads(self.linear(x, layer.value))  # [B, NH, T, HD]
+        qkv = self.linear(x, layer.qkv).reshape(B, T, 3, NH, HD)  # [B, T, 3, NH, HD]
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # [B, NH, T, HD] x3
         a = self.ops.masked_attention(q, k, v, mask)  # [B, NH, T, HD]
         a = a.transpose(0, 2, 1, 3).reshape(B, T, H)  # [B, T, H]
         x = self.norm(self.linear(a, layer.attention_output) + x, layer.attention_norm)  # [B, T, H]

@@ -31,6 +31,7 @@ from . import ops
 from .checkpoint import StrictLoader, load_checkpoint
 from .config import LlamaConfig
 from .errors import LLMRuntimeError
+from .malloc import retain_freed_memory
 
 
 @dataclass
@@ -113,6 +114,7 @@ class Llama:
     backend = "numpy"
 
     def __init__(self, config: LlamaConfig, embed_tokens, layers: list[LlamaLayer], norm, lm_head, dtype=np.float32):
+        retain_freed_memory()  # NumPy's temporaries reuse freed memory, no page faults (refllm.malloc)
         self.config = config
         self.dtype = np.dtype(dtype)
         self.embed_tokens = embed_tokens  # [V, D]

@@ -12,13 +12,15 @@ Precision policy (the whole of it):
 - softmax subtracts the row max before `exp`; masked scores are `-inf`, and a row is
   never fully masked (causal attention always sees itself, BERT always sees [CLS]).
 - GELU is the exact erf form (`gelu`) unless a config names the tanh form
-  (`gelu_tanh`, transformers' `gelu_new` / `gelu_pytorch_tanh`).
+  (`gelu_tanh`, transformers' `gelu_new` / `gelu_pytorch_tanh`). Its erf is scipy's in
+  float64; in float32 it is a rational approximation within 4e-7 of the exact value
+  (`erf`), as close as torch's own float32 GELU and 5x faster than scipy's float32 erf.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import erf
+import scipy.special
 
 
 def rms_norm(x, weight, eps):  # [..., D], [D] -> [..., D]
@@ -29,10 +31,14 @@ def rms_norm(x, weight, eps):  # [..., D], [D] -> [..., D]
 
 def layer_norm(x, weight, bias, eps):  # [..., H], [H], [H] -> [..., H]
     """LayerNorm (Ba et al. 2016) with the biased variance, as torch.nn.LayerNorm."""
-    mean = np.mean(x, axis=-1, keepdims=True)  # [..., 1]
+    H = x.shape[-1]
+    mean = np.add.reduce(x, axis=-1, keepdims=True) / H  # [..., 1], = np.mean
     xc = x - mean  # [..., H]
-    var = np.mean(xc * xc, axis=-1, keepdims=True)  # [..., 1]
-    return xc / np.sqrt(var + eps) * weight + bias
+    var = np.add.reduce(xc * xc, axis=-1, keepdims=True) / H  # [..., 1]
+    xc /= np.sqrt(var + eps)  # in place from here: xc is ours
+    xc *= weight
+    xc += bias
+    return xc
 
 
 def softmax(x, axis=-1):  # [..., N] -> [..., N]
@@ -47,7 +53,43 @@ def silu(x):  # [...] -> [...]
 
 def gelu(x):  # [...] -> [...]
     """Exact GELU (Hendrycks & Gimpel 2016): x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))."""
-    return (0.5 * x * (1 + erf(x / np.sqrt(2).astype(x.dtype)))).astype(x.dtype, copy=False)
+    y = erf(x * x.dtype.type(1 / np.sqrt(2)))  # [...]
+    y += 1
+    y *= x
+    y *= x.dtype.type(0.5)
+    return y
+
+
+# erf in float32: Eigen's `generic_fast_erf_float` (Eigen/src/Core/MathFunctionsImpl.h,
+# also XLA's and TensorFlow's), x P(x^2) / Q(x^2) on x clamped to [-4, 4], where erf
+# rounds to +-1 in float32. Coefficients from the highest power down.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def erf(x):  # [...] -> [...]
+    """The error function. float32: the rational approximation above, within 4e-7 of the
+    exact value (scipy's float32 erf computes in float64, 5x slower: it was the largest
+    cost of a BERT forward pass). Any other dtype: scipy.special.erf."""
+    if x.dtype != np.float32:
+        return scipy.special.erf(x)
+    x = np.clip(x, np.float32(-4), np.float32(4))  # [...]
+    x2 = x * x  # [...]
+    p, q = _horner(_ERF_P, x2), _horner(_ERF_Q, x2)  # [...] x2
+    p *= x
+    p /= q
+    return p
+
+
+def _horner(coefficients, x):  # [...] -> [...], the polynomial at x, in x's dtype, in place
+    y = x * x.dtype.type(coefficients[0])
+    for c in coefficients[1:-1]:
+        y += x.dtype.type(c)
+        y *= x
+    y += x.dtype.type(coefficients[-1])
+    return y
 
 
 def gelu_tanh(x):  # [...] -> [...]
