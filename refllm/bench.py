@@ -46,6 +46,7 @@ import numpy as np
 PROMPT_TOKENS = 128
 DECODE_TOKENS = 128
 EMBED_BATCH = 32
+EMBED_PASSES = 4  # passes over SENTENCES per timed round (a round of one batch is too short to time well)
 
 # A fixed English prompt, long enough for 128 tokens with any sensible BPE vocabulary.
 PROMPT = (
@@ -108,7 +109,8 @@ class Report:
     decode_bytes_per_token: float | None = None
     prefill_flops: float | None = None  # per prompt
     weight_bytes: int | None = None  # float32 bytes of the Llama's weights
-    peak_rss: int | None = None  # bytes, `refllm infer`
+    peak_rss: int | None = None  # bytes, `refllm infer` as a user runs it
+    peak_rss_numpy: int | None = None  # bytes, `refllm infer --backend numpy` (no CUDA probe)
     peak_rss_note: str = ""
 
     def rate(self, task: str, engine: str) -> float | None:
@@ -259,6 +261,12 @@ def infer_peak_rss(model: str, models_dir: str | None = None, max_tokens: int = 
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"refllm infer failed (exit {done.returncode}): {done.stderr.strip()[-300:]}")
     return int(lines[-1].split()[1])
+
+
+def infer_peak_rss_both(model: str, models_dir=None) -> tuple[int, int]:
+    """(default backend, --backend numpy): the default resolves the backend by asking
+    torch for CUDA when torch is installed, and importing torch is part of its peak."""
+    return infer_peak_rss(model, models_dir), infer_peak_rss(model, models_dir, backend="numpy")
 
 
 # ------------------------------------------------------------------ decoder engines
@@ -532,11 +540,12 @@ class SentenceTransformersEmbedder:
                                  normalize_embeddings=True, show_progress_bar=False)
 
 
-def time_embed(engine, sentences, batch: int) -> float:
-    """Seconds to embed all `sentences`, `batch` at a time."""
+def time_embed(engine, sentences, batch: int, passes: int = EMBED_PASSES) -> float:
+    """Seconds to embed all `sentences`, `batch` at a time, `passes` times."""
     t0 = time.perf_counter()
-    for i in range(0, len(sentences), batch):
-        engine.embed(sentences[i : i + batch])
+    for _ in range(passes):
+        for i in range(0, len(sentences), batch):
+            engine.embed(sentences[i : i + batch])
     return time.perf_counter() - t0
 
 
@@ -613,7 +622,7 @@ def run(llama_dir=None, minilm_dir=None, *, rounds: int = 5, engines=ALL_ENGINES
     if minilm_dir is not None and "embed" in tasks:
         for name, engine, skipped in embed_engines(minilm_dir, engines, threads):
             for batch in (1, EMBED_BATCH):
-                result = Result(f"embed b{batch}", name, len(SENTENCES), "sent/s", skipped=skipped)
+                result = Result(f"embed b{batch}", name, EMBED_PASSES * len(SENTENCES), "sent/s", skipped=skipped)
                 if engine is not None:
                     result.seconds = time_rounds(lambda: time_embed(engine, SENTENCES, batch), rounds)
                     log(f"# embed b{batch:<3} {name:22} {result.rate:8.1f} sent/s")
@@ -622,7 +631,7 @@ def run(llama_dir=None, minilm_dir=None, *, rounds: int = 5, engines=ALL_ENGINES
     if "memory" in tasks and llm_name is not None:
         log("# measuring the peak memory of `refllm infer` ...")
         try:
-            report.peak_rss = infer_peak_rss(llm_name, models_dir)
+            report.peak_rss, report.peak_rss_numpy = infer_peak_rss_both(llm_name, models_dir)
         except Exception as e:
             report.peak_rss_note = f"not measured: {e}"
     return report
@@ -662,9 +671,15 @@ def format_report(report: Report) -> str:
             physics = f"{r.rate / PROMPT_TOKENS * report.prefill_flops / 1e9:.0f} GFLOP/s"
         lines.append(f"| {label} | {r.engine} | {r.rate:.1f} {r.unit} | {ratio} | {physics} |")
     if report.peak_rss is not None and report.weight_bytes:
+        w = report.weight_bytes
         lines.append("")
         lines.append(f"Peak resident memory of `refllm infer` (default model): {report.peak_rss / 1e6:.0f} MB = "
-                     f"{report.peak_rss / report.weight_bytes:.2f}× the {report.weight_bytes / 1e6:.0f} MB of float32 weights.")
+                     f"{report.peak_rss / w:.2f}× the {w / 1e6:.0f} MB of float32 weights")
+        if report.peak_rss_numpy is not None:
+            lines[-1] += (f"; with `--backend numpy` {report.peak_rss_numpy / 1e6:.0f} MB = {report.peak_rss_numpy / w:.2f}× "
+                          f"(the default asks torch for CUDA: importing torch is the difference).")
+        else:
+            lines[-1] += "."
     elif report.peak_rss_note:
         lines.append("")
         lines.append(f"Peak resident memory of `refllm infer`: {report.peak_rss_note}")
