@@ -149,6 +149,7 @@ def machine_info() -> dict:
         from threadpoolctl import threadpool_info
 
         blas = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+        blas.sort(key=lambda p: "numpy" not in str(p.get("filepath", "")))  # NumPy's own BLAS first
         if blas:
             b = blas[0]
             info["blas"] = f"{b.get('internal_api')} {b.get('version')} ({b.get('architecture')}, {b.get('num_threads')} threads)"
@@ -656,7 +657,9 @@ def format_report(report: Report) -> str:
     lines.append("| --- | --- | ---: | ---: | --- |")
     labels = {"prefill": f"prefill ({PROMPT_TOKENS}-token prompt)", "decode": f"decode ({DECODE_TOKENS} tokens, batch 1)",
               "embed b1": "embeddings, batch 1", f"embed b{EMBED_BATCH}": f"embeddings, batch {EMBED_BATCH}"}
-    for r in report.results:
+    task_order = {t: i for i, t in enumerate(labels)}
+    engine_order = {e: i for i, e in enumerate(ALL_ENGINES)}
+    for r in sorted(report.results, key=lambda r: (task_order.get(r.task, 99), engine_order.get(r.engine, 99))):
         label = labels.get(r.task, r.task)
         if not r.seconds:
             lines.append(f"| {label} | {r.engine} | skipped: {r.skipped} | | |")
