@@ -156,6 +156,7 @@ class Llama:
         D, F, V = c.hidden_size, c.intermediate_size, c.vocab_size
         NH, NKV, HD = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         w = StrictLoader(tensors, dtype, source, ignore_prefixes=("model.rotary_emb.",))
+
         def column_major(shape):  # an empty matrix for `w.take(..., out=)`, see LlamaLayer
             return np.empty(shape, dtype=dtype, order="F")
 
