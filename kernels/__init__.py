@@ -24,11 +24,21 @@ kernel is decorated; `INTERPRET` says which mode is on. See `common.py`.
 """
 
 import os as _os
+import sys as _sys
 
 if "TRITON_INTERPRET" not in _os.environ:
     import torch as _torch
 
     if not _torch.cuda.is_available():
+        if "triton.language" in _sys.modules:
+            # triton's own library (tl.zeros, tl.sum, ...) was decorated for compilation
+            # when something else imported it first (sentence-transformers does): the
+            # interpreter cannot run it now.
+            raise ImportError(
+                "refllm.kernels: no CUDA device, and triton was imported before TRITON_INTERPRET=1 was set; "
+                "set TRITON_INTERPRET=1 in the environment (or import refllm.kernels first) to run the "
+                "kernels under Triton's interpreter"
+            )
         _os.environ["TRITON_INTERPRET"] = "1"
 
 from .common import INTERPRET, device  # noqa: E402

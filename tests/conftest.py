@@ -13,6 +13,14 @@ from pathlib import Path
 
 import pytest
 
+try:  # Without CUDA the Triton kernels run under the interpreter; that mode is fixed when
+    import torch  # triton is first imported, and sentence-transformers imports it early.
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # the NumPy path needs no torch
+    pass
+
 from refllm.registry import user_cache_root
 from refllm.weights.pull import model_path, pull
 
@@ -60,3 +68,10 @@ def one_blas_thread():
     with threadpool_limits(limits=1):
         yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def hf_hub_online(monkeypatch):
+    """huggingface_hub refuses every request, even to a loopback server, when
+    HF_HUB_OFFLINE is set; the client tests talk to refllm's own server, so unset it."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -12,13 +12,11 @@ Tolerances: float32 max |Δ| <= 1e-5, float64 <= 1e-10 (both sides compute in fl
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ from refllm.errors import LLMRuntimeError
 from refllm.llama import Llama
 from tests.llama_util import TINY_CONFIGS, hf_logits, make_tiny_llama
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

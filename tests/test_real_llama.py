@@ -9,7 +9,6 @@ windowed penalty and transformers' whole-sequence penalty coincide).
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -20,7 +19,6 @@ from refllm.llama import Llama
 from refllm.types import InferencingParams
 from tests.llama_util import hf_logits, hf_model
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow  # the real model, minutes of generation

@@ -21,6 +21,8 @@ from refllm.serve.app import ServerThread
 from refllm.serve.core import NO_TOP_K, ServerConfig
 from refllm.types import InferencingParams
 
+pytestmark = pytest.mark.usefixtures("hf_hub_online")
+
 pytest.importorskip("huggingface_hub")
 pytest.importorskip("openai")
 

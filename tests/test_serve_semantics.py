@@ -20,6 +20,8 @@ from refllm.serve.app import ServerThread, add_serve_arguments, config_from_args
 from refllm.serve.core import ServerConfig
 from refllm.serve.limits import Limits, denial
 
+pytestmark = pytest.mark.usefixtures("hf_hub_online")
+
 LLAMA = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
 ALICE, BOB = "alice-token", "bob-token"  # bob may only embed
