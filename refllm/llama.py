@@ -125,7 +125,8 @@ class Llama:
         self.norm = norm  # [D]
         self.lm_head = lm_head  # [V, D], the same array as embed_tokens when tied
         self.inv_freq = ops.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)  # [HD/2] float64
-        self.cos = self.sin = np.empty((0, config.head_dim), dtype=self.dtype)  # [P, HD], grown by rope_tables
+        empty = np.empty((0, config.head_dim), dtype=self.dtype)
+        self.rope = (empty, empty)  # cos, sin: [P, HD] x2, grown by rope_tables
 
     # ---------------------------------------------------------------- loading
 
@@ -235,10 +236,12 @@ class Llama:
         """cos and sin of positions start .. start + T - 1, sliced from tables computed
         once (`ops.rope_tables`) and grown by doubling, so a decode step computes none."""
         end = start + T
-        if end > self.cos.shape[0]:
-            P = max(end, min(2 * self.cos.shape[0], self.config.max_position_embeddings))
-            self.cos, self.sin = ops.rope_tables(np.arange(P), self.inv_freq, self.dtype)  # [P, HD] x2
-        return self.cos[start:end], self.sin[start:end]
+        cos, sin = self.rope  # one read: a thread that grows the tables swaps the pair whole
+        if end > cos.shape[0]:
+            P = max(end, min(2 * cos.shape[0], self.config.max_position_embeddings))
+            cos, sin = ops.rope_tables(np.arange(P), self.inv_freq, self.dtype)  # [P, HD] x2
+            self.rope = (cos, sin)
+        return cos[start:end], sin[start:end]
 
     def attention(self, i, layer: LlamaLayer, x, cos, sin, cache: KVCache, start: int):  # [T, D] -> [T, D]
         c = self.config

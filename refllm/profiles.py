@@ -214,7 +214,7 @@ def hf_repetition_penalty(logits, ids: Sequence[int], penalty: float) -> np.ndar
     z = np.array(logits, dtype=np.float32)  # [V] a copy
     if not (math.isfinite(penalty) and penalty > 0):
         raise ValueError(f"repetition penalty must be a finite number > 0, got {penalty!r}")
-    seen = sampling._as_ids(ids, len(z))  # [n] int64, checked
+    seen = sampling.as_ids(ids, len(z))  # [n] int64, checked
     if penalty == 1.0 or len(seen) == 0:
         return z
     window = np.unique(seen)  # [n_distinct] the WHOLE sequence, no last-n
@@ -308,7 +308,7 @@ def lcpp_penalties(logits, ids: Sequence[int], last_n: int, repeat: float, freq:
     """llama_sampler_penalties: counts over the last ``last_n`` ids; for a counted token,
     ``z <= 0 -> z * repeat`` else ``z / repeat``, then ``z -= count * freq + present``."""
     z = np.array(logits, dtype=np.float32)  # [V] a copy
-    seen = sampling._as_ids(ids, len(z))
+    seen = sampling.as_ids(ids, len(z))
     if last_n == 0 or (repeat == 1.0 and freq == 0.0 and present == 0.0) or len(seen) == 0:
         return z
     window = seen[-last_n:] if last_n > 0 else seen  # llama.cpp: -1 means the whole context

@@ -110,7 +110,7 @@ def apply_repeat_penalty(  # [V], ids, (), () -> [V] float32
         raise ValueError(f"repeat penalty must be a finite number > 0, got {penalty!r}")
     if last_n < 0:
         raise ValueError(f"last_n must be >= 0, got {last_n!r}")
-    ids = _as_ids(ids, len(z))  # [n] int64, each in [0, V)
+    ids = as_ids(ids, len(z))  # [n] int64, each in [0, V)
     if penalty == 1.0 or last_n == 0 or len(ids) == 0:
         return z
     window = np.unique(ids[-last_n:])  # [<= last_n] distinct ids, prompt included
@@ -120,7 +120,7 @@ def apply_repeat_penalty(  # [V], ids, (), () -> [V] float32
     return z
 
 
-def _as_ids(ids: Sequence[int], vocab_size: int) -> np.ndarray:  # ids -> [n] int64
+def as_ids(ids: Sequence[int], vocab_size: int) -> np.ndarray:  # ids -> [n] int64
     """The token ids as int64, checked to be integers in [0, vocab_size)."""
     a = np.asarray(ids)
     if a.size == 0:
