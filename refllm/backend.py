@@ -15,6 +15,10 @@ BACKENDS = ("numpy", "triton")
 
 
 def cuda_available() -> bool:
+    """Whether torch sees a CUDA device. Without an NVIDIA driver on the machine the
+    answer is no without importing torch (which alone costs ~190 MB of memory)."""
+    if not (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0") or os.path.exists("/dev/dxg")):
+        return False
     try:
         import torch
     except ImportError:
