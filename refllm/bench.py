@@ -744,22 +744,29 @@ def add_bench_arguments(parser) -> None:
 
 
 def _pick(text: str, allowed) -> list[str]:
+    """Comma-separated names, each matched case-insensitively by its start ("llama" ->
+    "llama.cpp F32"); ValueError naming a word that matches none."""
     by_lower = {a.lower(): a for a in allowed}
     picked = []
     for word in filter(None, (w.strip() for w in text.split(","))):
         match = by_lower.get(word.lower()) or next((a for a in allowed if a.lower().startswith(word.lower())), None)
         if match is None:
-            raise SystemExit(f"refllm bench: unknown choice {word!r}; choose from {', '.join(allowed)}")
+            raise ValueError(f"unknown choice {word!r}; choose from {', '.join(allowed)}")
         picked.append(match)
     return picked
 
 
 def bench_from_args(args) -> int:
+    """`refllm bench`: measure, print the table; 2 for a bad command line."""
     from . import registry
 
-    if args.rounds < 1:
-        raise SystemExit("refllm bench: --rounds must be at least 1")
-    engines, tasks = _pick(args.engines, ALL_ENGINES), _pick(args.tasks, ALL_TASKS)
+    try:
+        if args.rounds < 1:
+            raise ValueError("--rounds must be at least 1")
+        engines, tasks = _pick(args.engines, ALL_ENGINES), _pick(args.tasks, ALL_TASKS)
+    except ValueError as e:
+        print(f"refllm bench: error: {e}", file=sys.stderr)
+        return 2
     if not args.no_pull:
         from .weights.catalog import CATALOG
         from .weights.pull import ensure_model

@@ -81,3 +81,14 @@ def test_greedy_tokens_of_the_refllm_engine_match_the_model(tmp_path):
     for t in tokens:
         assert int(np.argmax(model(seq)[-1])) == t
         seq.append(t)
+
+
+def test_bench_command_line_rejects_unknown_choices(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_bench_arguments(parser)
+    assert bench.bench_from_args(parser.parse_args(["--engines", "refllm,nope"])) == 2
+    assert "unknown choice 'nope'" in capsys.readouterr().err
+    assert bench.bench_from_args(parser.parse_args(["--rounds", "0"])) == 2
+    assert bench._pick("LLAMA,refllm", bench.ALL_ENGINES) == [bench.LLAMA_CPP, bench.REFLLM]
