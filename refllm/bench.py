@@ -678,9 +678,9 @@ def format_report(report: Report) -> str:
         lines.append("")
         lines.append(f"Peak resident memory of `refllm infer` (default model): {report.peak_rss / 1e6:.0f} MB = "
                      f"{report.peak_rss / w:.2f}× the {w / 1e6:.0f} MB of float32 weights")
-        if report.peak_rss_numpy is not None:
+        if report.peak_rss_numpy is not None and report.peak_rss > 1.05 * report.peak_rss_numpy:
             lines[-1] += (f"; with `--backend numpy` {report.peak_rss_numpy / 1e6:.0f} MB = {report.peak_rss_numpy / w:.2f}× "
-                          f"(the default asks torch for CUDA: importing torch is the difference).")
+                          f"(the default backend's CUDA probe imported torch).")
         else:
             lines[-1] += "."
     elif report.peak_rss_note:
