@@ -5,6 +5,7 @@
     refllm infer [--model NAME] PROMPT    stream generated text to the terminal
     refllm embed [--model NAME] TEXT...   print embedding vectors (stdin: one text a line)
     refllm serve                          the HTTP server (Spin, Hugging Face, OpenAI)
+    refllm bench                          tokens/s and GB/s beside the installed peers
     refllm golden --out DIR               write the float64 golden set of the default models
     refllm trace PROMPT                   one infer, step by step through the sampler
     refllm conform --against URL          check another backend against the golden set
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     if add_serve_arguments is not None:
         add_serve_arguments(sub.add_parser("serve", help="serve the Spin, Hugging Face and OpenAI HTTP APIs"))
 
+    from .bench import add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="benchmark refllm beside the installed peers (tokens/s, GB/s)"))
+
     from .oracle_cli import register as register_oracle
 
     register_oracle(sub)  # golden, trace, conform
@@ -202,6 +207,14 @@ def cmd_serve(args) -> int:
     return serve_from_args(args) or 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench_from_args
+
+    _ensure(DEFAULT_LLM, "llama", args)
+    _ensure(DEFAULT_EMBEDDING, "embedding", args)
+    return bench_from_args(args)
+
+
 def cmd_oracle(args) -> int:
     """golden / trace / conform (refllm.oracle_cli), with the default models pulled first."""
     from .oracle_cli import COMMANDS as ORACLE
@@ -215,7 +228,7 @@ def cmd_oracle(args) -> int:
 
 
 COMMANDS = {"pull": cmd_pull, "models": cmd_models, "infer": cmd_infer, "embed": cmd_embed, "serve": cmd_serve,
-            "golden": cmd_oracle, "trace": cmd_oracle, "conform": cmd_oracle}
+            "bench": cmd_bench, "golden": cmd_oracle, "trace": cmd_oracle, "conform": cmd_oracle}
 
 
 def main(argv=None) -> int:
