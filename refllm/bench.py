@@ -557,8 +557,10 @@ def load_peer(name: str, factory: Callable[[], object]):
     to load is reported, never fatal."""
     try:
         return factory(), None
-    except ImportError as e:
+    except ModuleNotFoundError as e:
         return None, f"not installed ({e.name or e})"
+    except ImportError as e:
+        return None, f"cannot be imported: {str(e)[:200]}"
     except Exception as e:  # a peer's own failure: say what it was
         return None, f"failed to load: {type(e).__name__}: {str(e)[:200]}"
 
