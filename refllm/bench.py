@@ -7,8 +7,9 @@
 for refllm (NumPy) and every peer that is installed: transformers (float32 LlamaForCausalLM),
 llama.cpp through llama-cpp-python on an F32 GGUF written here from the same
 safetensors, and sentence-transformers on the same embedding model directory. Each
-figure is the median of `rounds` timed runs after one untimed warm-up run; all engines
-get the same token ids, use every core, and pick the next token by the same greedy
+figure is the median of `rounds` timed runs after one untimed warm-up run (`refllm
+bench` takes the rounds of the engines in turn, A B C A B C ..., so that a burst of
+load on a shared machine hits all of them); all engines get the same token ids, use every core, and pick the next token by the same greedy
 argmax of their float32 logits, so the comparison is the model's forward pass alone.
 
 The physics (as gpt-fast reports it): decoding one token reads every weight once (the
@@ -127,13 +128,6 @@ REFLLM = "refllm (NumPy)"
 LLAMA_CPP = "llama.cpp F32"
 TRANSFORMERS = "transformers f32"
 SENTENCE_TRANSFORMERS = "sentence-transformers"
-
-
-def time_rounds(run: Callable[[], float], rounds: int, warmup: int = 1) -> list[float]:
-    """`run()` returns the seconds of its timed part; warm-up rounds are discarded."""
-    for _ in range(warmup):
-        run()
-    return [run() for _ in range(rounds)]
 
 
 def n_threads() -> int:
@@ -607,29 +601,27 @@ def run(llama_dir=None, minilm_dir=None, *, rounds: int = 5, engines=ALL_ENGINES
             config, PROMPT_TOKENS, DECODE_TOKENS)
     if llama_dir is not None and ({"prefill", "decode"} & set(tasks)):
         ids = prompt_ids(llama_dir)
-        for name, engine, skipped in llm_engines(llama_dir, engines, threads):
-            for task in ("prefill", "decode"):
-                if task not in tasks:
-                    continue
+        loaded = llm_engines(llama_dir, engines, threads)
+        jobs = {}
+        for task in ("prefill", "decode"):
+            if task in tasks:
                 units = PROMPT_TOKENS if task == "prefill" else DECODE_TOKENS
-                result = Result(task, name, units, "tok/s", skipped=skipped)
-                if engine is not None:
-                    timed = (lambda: time_prefill(engine, ids)) if task == "prefill" else (lambda: time_decode(engine, ids))
-                    result.seconds = time_rounds(timed, rounds)
-                    log(f"# {task:8} {name:22} {result.rate:8.1f} tok/s")
-                else:
-                    log(f"# {task:8} {name:22} skipped: {skipped}")
-                report.results.append(result)
-            del engine
+                time_one = time_prefill if task == "prefill" else time_decode
+                jobs[task] = [(Result(task, name, units, "tok/s", skipped=skipped), engine,
+                               (lambda e=engine, f=time_one: f(e, ids)))
+                              for name, engine, skipped in loaded]
+        _measure_interleaved(jobs, rounds, report, log)
+        del loaded, jobs
 
     if minilm_dir is not None and "embed" in tasks:
-        for name, engine, skipped in embed_engines(minilm_dir, engines, threads):
-            for batch in (1, EMBED_BATCH):
-                result = Result(f"embed b{batch}", name, EMBED_PASSES * len(SENTENCES), "sent/s", skipped=skipped)
-                if engine is not None:
-                    result.seconds = time_rounds(lambda: time_embed(engine, SENTENCES, batch), rounds)
-                    log(f"# embed b{batch:<3} {name:22} {result.rate:8.1f} sent/s")
-                report.results.append(result)
+        loaded = embed_engines(minilm_dir, engines, threads)
+        jobs = {f"embed b{batch}": [(Result(f"embed b{batch}", name, EMBED_PASSES * len(SENTENCES), "sent/s",
+                                            skipped=skipped), engine,
+                                     (lambda e=engine, b=batch: time_embed(e, SENTENCES, b)))
+                                    for name, engine, skipped in loaded]
+                for batch in (1, EMBED_BATCH)}
+        _measure_interleaved(jobs, rounds, report, log)
+        del loaded, jobs
 
     if "memory" in tasks and llm_name is not None:
         log("# measuring the peak memory of `refllm infer` ...")
@@ -638,6 +630,23 @@ def run(llama_dir=None, minilm_dir=None, *, rounds: int = 5, engines=ALL_ENGINES
         except Exception as e:
             report.peak_rss_note = f"not measured: {e}"
     return report
+
+
+def _measure_interleaved(jobs: dict, rounds: int, report: Report, log) -> None:
+    """For each task, one warm-up round per engine, then the timed rounds in turn
+    (engine A, B, C, A, B, C, ...): on a shared machine a burst of load falls on every
+    engine alike, and the ratios of one run stay fair."""
+    for task, entries in jobs.items():
+        live = [(result, timed) for result, engine, timed in entries if engine is not None]
+        for _, timed in live:
+            timed()  # warm-up
+        for _ in range(rounds):
+            for result, timed in live:
+                result.seconds.append(timed())
+        for result, engine, _ in entries:
+            report.results.append(result)
+            what = f"{result.rate:8.1f} {result.unit}" if engine is not None else f"skipped: {result.skipped}"
+            log(f"# {task:9} {result.engine:22} {what}")
 
 
 # ------------------------------------------------------------------ the table and the chart
