@@ -166,8 +166,14 @@ def top_k_candidates(p: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k!r}")
-    order = np.argsort(-p, kind="stable")  # [V] int64; stable sort keeps lower id first on ties
-    kept_ids = order[:top_k]  # [K] K = min(top_k, V)
+    V = p.shape[0]
+    if top_k < V:  # sort only the ids that can make the cut: those with p >= the k-th largest
+        kth = np.partition(p, V - top_k)[V - top_k]  # () the k-th largest p
+        candidates = np.flatnonzero(p >= kth)  # [>= K] ascending ids, ties at kth included
+    else:
+        candidates = np.arange(V)  # [V]
+    # A stable sort of ids in ascending order keeps the lower id first on ties.
+    kept_ids = candidates[np.argsort(-p[candidates], kind="stable")][:top_k]  # [K] K = min(top_k, V)
     return kept_ids, p[kept_ids]  # [K], [K] float64
 
 

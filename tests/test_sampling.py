@@ -563,3 +563,18 @@ def test_sampler_draws_only_on_the_sampling_path():
     for _ in range(3):
         assert g(z, ids) == 1
     assert g.rng.random() == us[0]
+
+
+def test_top_k_candidates_equals_a_full_stable_sort_with_many_ties():
+    # top_k_candidates sorts only the ids that can make the cut; it must pick exactly
+    # what a stable descending sort of all V ids picks, ties at the cut included.
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        V = int(rng.integers(1, 2000))
+        p = rng.random(V)
+        p[rng.integers(0, V, size=V // 3)] = p[0]  # many ties, some across the k-th place
+        k = int(rng.integers(1, V + 5))
+        ids, probs = top_k_candidates(p, k)
+        expect = np.argsort(-p, kind="stable")[:k]
+        np.testing.assert_array_equal(ids, expect)
+        np.testing.assert_array_equal(probs, p[expect])
