@@ -51,6 +51,37 @@ def _u32(text: str) -> int:
     return value
 
 
+def _u64(text: str) -> int:
+    if not text.isdigit() or int(text) >= 2**64:
+        raise argparse.ArgumentTypeError(f"not an integer in [0, 2^64): {text!r}")
+    return int(text)
+
+
+def add_param_flags(p, max_tokens: int | None = None) -> None:
+    """One flag per WIT inferencing-param, defaulting to the WIT defaults."""
+    from .types import InferencingParams
+
+    d = InferencingParams()
+    p.add_argument("--max-tokens", type=_u32, default=d.max_tokens if max_tokens is None else max_tokens,
+                   help=None if max_tokens is None else f"(default: {max_tokens}, not the WIT's {d.max_tokens})")
+    p.add_argument("--repeat-penalty", type=_finite_float, default=d.repeat_penalty)
+    p.add_argument("--repeat-penalty-last-n-token-count", type=_u32, default=d.repeat_penalty_last_n_token_count)
+    p.add_argument("--temperature", type=_finite_float, default=d.temperature)
+    p.add_argument("--top-k", type=_u32, default=d.top_k)
+    p.add_argument("--top-p", type=_finite_float, default=d.top_p)
+
+
+def params_from_args(args):
+    """The InferencingParams of the flags `add_param_flags` added."""
+    from .types import InferencingParams
+
+    return InferencingParams(
+        max_tokens=args.max_tokens, repeat_penalty=args.repeat_penalty,
+        repeat_penalty_last_n_token_count=args.repeat_penalty_last_n_token_count,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+    )
+
+
 def _common(p):
     p.add_argument("--models-dir", help="the models root (default: $REFLLM_MODELS_DIR, ./.spin/ai-models, the user cache)")
     p.add_argument("--backend", choices=["numpy", "triton"], help="compute backend (default: triton with CUDA, else numpy)")
@@ -62,9 +93,7 @@ def _common(p):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .types import InferencingParams
 
-    d = InferencingParams()
     parser = _Parser(prog="refllm", description="A NumPy reference for Spin's Serverless AI interface.")
     parser.add_argument("--version", action="version", version=f"refllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -82,13 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("infer", help="generate text")
     p.add_argument("prompt")
     p.add_argument("--model", default=DEFAULT_LLM)
-    p.add_argument("--max-tokens", type=_u32, default=d.max_tokens)
-    p.add_argument("--repeat-penalty", type=_finite_float, default=d.repeat_penalty)
-    p.add_argument("--repeat-penalty-last-n-token-count", type=_u32, default=d.repeat_penalty_last_n_token_count)
-    p.add_argument("--temperature", type=_finite_float, default=d.temperature)
-    p.add_argument("--top-k", type=_u32, default=d.top_k)
-    p.add_argument("--top-p", type=_finite_float, default=d.top_p)
-    p.add_argument("--seed", type=_u32, help="sampling seed (default: random, printed with --json)")
+    add_param_flags(p)
+    p.add_argument("--seed", type=_u64, help="sampling seed (default: random, printed with --json)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user message")
     p.add_argument("--system", help="with --chat: a system message")
@@ -154,14 +178,9 @@ def cmd_models(args) -> int:
 
 def cmd_infer(args) -> int:
     from . import api
-    from .types import InferencingParams
 
     _ensure(args.model, "llama", args)
-    params = InferencingParams(
-        max_tokens=args.max_tokens, repeat_penalty=args.repeat_penalty,
-        repeat_penalty_last_n_token_count=args.repeat_penalty_last_n_token_count,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-    )
+    params = params_from_args(args)
     prompt = args.prompt
     if args.chat:
         from . import engine, registry

@@ -86,16 +86,21 @@ class KVCache:
     """
 
     def __init__(self, config: LlamaConfig, max_len: int, dtype=np.float32):
-        shape = (config.num_hidden_layers, max_len, config.num_key_value_heads, config.head_dim)
-        self.k = np.zeros(shape, dtype=dtype)  # [L, max_len, NKV, HD]
-        self.v = np.zeros(shape, dtype=dtype)  # [L, max_len, NKV, HD]
+        self.k, self.v = self.allocate((config.num_hidden_layers, max_len, config.num_key_value_heads, config.head_dim), dtype)
         self.max_len = max_len
         self.pos = 0
 
-    def update(self, layer: int, k, v):  # [T, NKV, HD] x2 -> [S, NKV, HD] x2, S = pos + T
-        T = k.shape[0]
+    @staticmethod
+    def allocate(shape, dtype):  # -> [L, max_len, NKV, HD] x2; the triton backend's cache allocates torch buffers
+        return np.zeros(shape, dtype=dtype), np.zeros(shape, dtype=dtype)
+
+    def check_room(self, T: int) -> None:
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache full: {self.pos} + {T} positions > {self.max_len}")
+
+    def update(self, layer: int, k, v):  # [T, NKV, HD] x2 -> [S, NKV, HD] x2, S = pos + T
+        T = k.shape[0]
+        self.check_room(T)
         self.k[layer, self.pos : self.pos + T] = k
         self.v[layer, self.pos : self.pos + T] = v
         return self.k[layer, : self.pos + T], self.v[layer, : self.pos + T]

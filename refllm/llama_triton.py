@@ -38,7 +38,7 @@ import numpy as np
 
 from . import ops
 from .config import LlamaConfig
-from .llama import Llama
+from .llama import KVCache, Llama
 
 if TYPE_CHECKING:
     import torch
@@ -61,31 +61,20 @@ class TritonLlamaLayer:
     down_proj: torch.Tensor  # [D, F]
 
 
-class TritonKVCache:
-    """The KV cache of `refllm.llama.KVCache`, as torch buffers on the kernels' device.
-
-    Fixed buffers of `max_len` positions; `pos` is the number filled. A forward pass
-    over T tokens writes positions pos .. pos + T - 1 of every layer, then advances.
-    """
+class TritonKVCache(KVCache):
+    """`refllm.llama.KVCache` with torch buffers on the kernels' device; the position
+    bookkeeping (`pos`, `check_room`, `advance`, `reset`) is KVCache's own. The kernels
+    write keys and values into the buffers directly (RoPE straight into the cache)."""
 
     def __init__(self, config: LlamaConfig, max_len: int, device, dtype=None):
+        self.device = device
+        super().__init__(config, max_len, dtype)
+
+    def allocate(self, shape, dtype):  # -> [L, max_len, NKV, HD] x2, torch on the device
         import torch
 
-        shape = (config.num_hidden_layers, max_len, config.num_key_value_heads, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype or torch.float32, device=device)  # [L, max_len, NKV, HD]
-        self.v = torch.zeros(shape, dtype=dtype or torch.float32, device=device)  # [L, max_len, NKV, HD]
-        self.max_len = max_len
-        self.pos = 0
-
-    def check_room(self, T: int) -> None:
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache full: {self.pos} + {T} positions > {self.max_len}")
-
-    def advance(self, T: int) -> None:
-        self.pos += T
-
-    def reset(self) -> None:
-        self.pos = 0
+        dtype = dtype or torch.float32
+        return torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device)
 
 
 class TritonLlama:

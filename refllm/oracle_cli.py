@@ -19,7 +19,6 @@ failed), 2 (the backend or the golden set could not be used). refllm's errors
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -27,20 +26,11 @@ from .cli import DEFAULT_LLM  # noqa: E402
 TRACE_MAX_TOKENS = 16
 
 
-from .cli import _finite_float as _float, _u32  # noqa: E402  (the same flag types as `refllm infer`)
-
-
-def _u64(text: str) -> int:
-    if not text.isdigit() or int(text) >= 2**64:
-        raise argparse.ArgumentTypeError(f"not an integer in [0, 2^64): {text!r}")
-    return int(text)
+from .cli import _u64, add_param_flags, params_from_args  # noqa: E402  (the flags of `refllm infer`)
 
 
 def register(subparsers) -> None:
     """Add `golden`, `trace` and `conform` to an argparse subparsers object."""
-    from .types import InferencingParams
-
-    d = InferencingParams()
 
     p = subparsers.add_parser("golden", help="write the golden set of the default models (float64 reference)",
                               description="Run the built-in suite on the default models in float64 and write a "
@@ -58,13 +48,7 @@ def register(subparsers) -> None:
                                           "and after each sampling step, the kept candidates, u and the choice.")
     p.add_argument("prompt")
     p.add_argument("--model", default=DEFAULT_LLM)
-    p.add_argument("--max-tokens", type=_u32, default=TRACE_MAX_TOKENS,
-                   help=f"(default: {TRACE_MAX_TOKENS}, not the WIT's {d.max_tokens})")
-    p.add_argument("--repeat-penalty", type=_float, default=d.repeat_penalty)
-    p.add_argument("--repeat-penalty-last-n-token-count", type=_u32, default=d.repeat_penalty_last_n_token_count)
-    p.add_argument("--temperature", type=_float, default=d.temperature)
-    p.add_argument("--top-k", type=_u32, default=d.top_k)
-    p.add_argument("--top-p", type=_float, default=d.top_p)
+    add_param_flags(p, max_tokens=TRACE_MAX_TOKENS)
     p.add_argument("--seed", type=_u64, help="sampling seed (default: random, printed)")
     p.add_argument("--top", type=int, default=10, help="candidates shown per stage (default: 10)")
     p.add_argument("--width", type=int, default=5, help="candidates per line of logits (default: 5)")
@@ -117,11 +101,8 @@ def cmd_golden(args) -> int:
 
 def cmd_trace(args) -> int:
     from .trace import print_trace, trace
-    from .types import InferencingParams
 
-    params = InferencingParams(max_tokens=args.max_tokens, repeat_penalty=args.repeat_penalty,
-                               repeat_penalty_last_n_token_count=args.repeat_penalty_last_n_token_count,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    params = params_from_args(args)
     t = trace(args.model, args.prompt, params, seed=args.seed, top=args.top, precision=args.precision,
               backend=args.backend, models_dir=args.models_dir)
     if args.json:

@@ -75,3 +75,14 @@ def test_models_lists_what_is_on_disk(root):
 def test_pull_unknown_model_is_one_line(root):
     p = run("pull", "no-such-model", "--models-dir", str(root))
     assert p.returncode == 2 and "no-such-model" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_reported_64_bit_seed_replays(root):
+    # An unseeded run reports a random 64-bit seed; --seed must take it back.
+    first = json.loads(run("infer", "--models-dir", str(root), "--model", "tiny", "--max-tokens", "6", "--json", "Hi").stdout)
+    again = run("infer", "--models-dir", str(root), "--model", "tiny", "--max-tokens", "6", "--json",
+                "--seed", str(first["seed"]), "Hi")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["text"] == first["text"]
+    too_big = run("infer", "--models-dir", str(root), "--no-pull", "--model", "tiny", "--seed", str(2**64), "Hi")
+    assert too_big.returncode == 2 and "--seed" in too_big.stderr
