@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ops
-from .checkpoint import StrictLoader, load_checkpoint
+from .checkpoint import StrictLoader, WeightArena, load_checkpoint
 from .config import LlamaConfig
 from .errors import LLMRuntimeError
 from .malloc import retain_freed_memory
@@ -162,12 +162,13 @@ class Llama:
         D, F, V = c.hidden_size, c.intermediate_size, c.vocab_size
         NH, NKV, HD = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         w = StrictLoader(tensors, dtype, source, ignore_prefixes=("model.rotary_emb.",))
+        arena = WeightArena()  # the matrices on huge pages (see WeightArena)
 
         def column_major(shape):  # an empty matrix for `w.take(..., out=)`, see LlamaLayer
-            return np.empty(shape, dtype=dtype, order="F")
+            return arena.empty(shape, dtype, order="F")
 
         def row_major(shape):
-            return np.empty(shape, dtype=dtype, order="C")
+            return arena.empty(shape, dtype, order="C")
 
         # Each tensor is copied into its place and its mapped pages released (StrictLoader
         # .take with out=), so loading never holds a weight twice.
