@@ -213,36 +213,55 @@ class Bert:
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None):  # [B, T], [B, T], [B, T] -> [B, T, H]
         """Last hidden states. `attention_mask` is 1 for real tokens and 0 for padding
         (default: all real); padded keys are never attended to, so a real token's state
-        does not depend on the padding. Padded positions get states too (their queries
-        see the real keys); a caller pools over the real tokens only."""
+        does not depend on the padding. Padded positions come out as zeros (transformers
+        gives them states that every pooling masks away; they are computed here from
+        nothing at all, see below).
+
+        Unpadding (as Hugging Face's text-embeddings-inference does, and FlashAttention's
+        variable-length kernels): every operator but attention acts on each token alone,
+        so the layers carry the N real tokens as rows of an [N, H] matrix, and only
+        attention sees the [B, T] batch, scattered into it and gathered back. 32 short
+        sentences padded to the longest are 448 positions for 320 tokens: the linear
+        layers, GELU and LayerNorm then do 29% less work.
+        """
         ids, mask, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
-        x = self.embed(ids, types)  # [B, T, H]
+        B, T = ids.shape
+        real = np.nonzero(mask > 0)  # ([N], [N]): batch row and position of each real token
+        x = self.embed(ids[real], types[real], real[1])  # [N, H]
         for layer in self.layers:
-            x = self.encoder_layer(layer, x, mask)  # [B, T, H]
-        return np.asarray(x)
+            x = self.encoder_layer(layer, x, real, mask)  # [N, H]
+        out = np.zeros((B, T, x.shape[-1]), dtype=self.dtype)  # [B, T, H]
+        out[real] = x
+        return out
 
-    def embed(self, ids, types):  # [B, T], [B, T] -> [B, T, H]
-        """Word + token-type + position embeddings, then LayerNorm (BertEmbeddings)."""
+    def embed(self, ids, types, positions):  # [N], [N], [N] -> [N, H]
+        """Word + token-type + position embeddings, then LayerNorm (BertEmbeddings).
+        Positions are absolute, 0 .. T-1 within each text's row (transformers' default
+        position_ids), whatever the mask."""
         e = self.embeddings
-        T = ids.shape[1]
-        x = e.word_embeddings[ids] + e.token_type_embeddings[types]  # [B, T, H]
-        x = x + e.position_embeddings[:T]  # [B, T, H]  absolute positions 0 .. T-1
-        return self.norm(x, e.LayerNorm)  # [B, T, H]
+        x = e.word_embeddings[ids] + e.token_type_embeddings[types]  # [N, H]
+        x += e.position_embeddings[positions]
+        return self.norm(x, e.LayerNorm)  # [N, H]
 
-    def encoder_layer(self, layer: BertLayer, x, mask):  # [B, T, H], [B, T] -> [B, T, H]
+    def encoder_layer(self, layer: BertLayer, x, real, mask):  # [N, H], ([N], [N]), [B, T] -> [N, H]
         """Self-attention then the MLP, each followed by residual + LayerNorm (post-LN)."""
-        B, T, H = x.shape
+        (B, T), (N, H) = mask.shape, x.shape
         NH = self.config.num_attention_heads
         HD = H // NH
 
-        qkv = self.linear(x, layer.qkv).reshape(B, T, 3, NH, HD)  # [B, T, 3, NH, HD]
-        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # [B, NH, T, HD] x3
+        qkv = self.linear(x, layer.qkv)  # [N, 3H]
+        if N < B * T:  # padding: attention needs the [B, T] batch, padded with zeros
+            padded = np.zeros((B, T, 3 * H), dtype=qkv.dtype)  # [B, T, 3H]
+            padded[real] = qkv
+            qkv = padded
+        q, k, v = qkv.reshape(B, T, 3, NH, HD).transpose(2, 0, 3, 1, 4)  # [B, NH, T, HD] x3
         a = self.ops.masked_attention(q, k, v, mask)  # [B, NH, T, HD]
-        a = a.transpose(0, 2, 1, 3).reshape(B, T, H)  # [B, T, H]
-        x = self.norm(self.linear(a, layer.attention_output) + x, layer.attention_norm)  # [B, T, H]
+        a = a.transpose(0, 2, 1, 3)  # [B, T, NH, HD]
+        a = (a[real] if N < B * T else a).reshape(N, H)  # [N, H], the real tokens again
+        x = self.norm(self.linear(a, layer.attention_output) + x, layer.attention_norm)  # [N, H]
 
-        h = self.act(self.linear(x, layer.intermediate))  # [B, T, F]
-        return self.norm(self.linear(h, layer.output) + x, layer.output_norm)  # [B, T, H]
+        h = self.act(self.linear(x, layer.intermediate))  # [N, F]
+        return self.norm(self.linear(h, layer.output) + x, layer.output_norm)  # [N, H]
 
     def linear(self, x, p: Linear):  # [..., in] -> [..., out]
         return self.ops.linear(x, p.weight, p.bias)

@@ -3,9 +3,9 @@ test_bert.py pattern): random weights saved as safetensors, loaded by refllm and
 into BertModel(add_pooling_layer=False, attn_implementation="eager"), run on one padded
 batch.
 
-Only the real tokens are compared: both models give padded positions a state too (their
-queries attend to the real keys), but nothing downstream reads it and the two may round
-it differently, so it is not part of the contract.
+Only the real tokens are compared: transformers gives padded positions a state too
+(their queries attend to the real keys), which nothing downstream reads; refllm drops
+the padding before the first layer and returns zeros there (`Bert.__call__`).
 
 Tolerances: float32 max |Δ| <= 1e-5, float64 <= 1e-10 (both sides compute in float64).
 """
@@ -136,6 +136,7 @@ def test_padding_does_not_leak_into_real_tokens(case):
         n = int(mask[row].sum())
         alone = model(ids[row : row + 1, :n], mask[row : row + 1, :n], types[row : row + 1, :n])  # [1, n, H]
         np.testing.assert_allclose(alone[0], batched[row, :n], rtol=0, atol=1e-12)
+        assert not batched[row, n:].any()  # padded positions: zeros, never computed
 
 
 @pytest.mark.parametrize("disk_dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
