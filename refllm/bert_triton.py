@@ -150,4 +150,6 @@ class TritonBert:
             x = k.layer_norm(k.matmul(a, layer.attention_output, layer.attention_output_bias), *layer.attention_norm, residual=x)
             h = k.matmul(x, layer.intermediate, layer.intermediate_bias, act=self.act)  # [B T, F]
             x = k.layer_norm(k.matmul(h, layer.output, layer.output_bias), *layer.output_norm, residual=x)  # [B T, H]
-        return x.view(B, T, H).cpu().numpy()
+        out = x.view(B, T, H).cpu().numpy()  # [B, T, H]
+        out[mask == 0] = 0  # padded positions are zeros, as Bert.__call__ returns them
+        return out
