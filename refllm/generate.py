@@ -140,7 +140,10 @@ def prefill(model, prompt_ids, cache):  # [T] -> [V]
 
 
 def decode_one(model, token: int, cache):  # () -> [V]
-    """Run one new token at position cache.pos; its logits."""
+    """Run one new token at position cache.pos; its logits. A model with a one-token
+    path of its own (`Llama.decode`) takes it."""
+    if hasattr(model, "decode"):
+        return model.decode(token, cache)
     return model([token], cache, last_only=True)[0]
 
 

@@ -142,6 +142,25 @@ def rope(x, cos, sin):  # [T, N, HD], [T, HD], [T, HD] -> [T, N, HD]
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def rope_matrix(cos, sin):  # [HD], [HD] -> [HD, HD]
+    """RoPE at one position as the linear map it is: `x @ rope_matrix(cos, sin)` equals
+    `rope(x, cos, sin)` for every row x of that position. RoFormer (Su et al. 2021, eq.
+    14-15) defines it this way, a block rotation R with cos on the diagonal and -sin / sin
+    pairing dims i and i + HD/2 (rotate-half layout):
+
+        (x R)[i]        = x[i] cos[i] - x[i + HD/2] sin[i]
+        (x R)[i + HD/2] = x[i + HD/2] cos[i] + x[i] sin[i]
+
+    A decode step builds it once and rotates every layer's queries and keys with one
+    product each, which costs less than the eight elementwise operations of `rope`."""
+    HD = cos.shape[-1]
+    half, i = HD // 2, np.arange(HD // 2)
+    R = np.diag(cos)  # [HD, HD]
+    R[i + half, i] = -sin[:half]  # x[i + HD/2] feeds output i
+    R[i, i + half] = sin[half:]  # x[i] feeds output i + HD/2
+    return R
+
+
 def causal_attention(q, k, v, start_pos):  # [T, NH, HD], [S, NKV, HD], [S, NKV, HD] -> [T, NH, HD]
     """Scaled dot-product attention with grouped-query heads and a causal mask.
 

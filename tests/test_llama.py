@@ -49,6 +49,26 @@ def test_cached_decoding_equals_full_recomputation(tmp_path, name):
     np.testing.assert_allclose(last, full[-1:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_token_decode_equals_the_forward_pass(tmp_path, name, dtype):
+    """Llama.decode, the one-token path generation takes, against __call__ on the same
+    cache contents, token after token (float64: equal up to summation order)."""
+    model = Llama.from_pretrained(make_tiny_llama(tmp_path / name, TINY_CONFIGS[name]), dtype=dtype)
+    ids = list(np.random.default_rng(3).integers(0, TINY_CONFIGS[name]["vocab_size"], size=20))
+    a, b = model.new_cache(64), model.new_cache(64)
+    model(ids[:7], a), model(ids[:7], b)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for t in ids[7:]:
+        fast, ref = model.decode(t, a), model([t], b, last_only=True)[0]  # [V] x2
+        assert fast.shape == ref.shape and fast.dtype == ref.dtype == dtype
+        np.testing.assert_allclose(fast, ref, rtol=tol, atol=tol)
+    assert a.pos == b.pos == len(ids)
+    np.testing.assert_allclose(a.k[:, : a.pos], b.k[:, : b.pos], rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="token id out of range"):
+        model.decode(TINY_CONFIGS[name]["vocab_size"], a)
+
+
 def test_half_precision_checkpoints_load(tmp_path):
     src = make_tiny_llama(tmp_path / "f32", TINY_CONFIGS["mha"])
     ref = Llama.from_pretrained(src)
