@@ -78,6 +78,24 @@ class LlamaLayer:
         self.gate_proj, self.up_proj = np.split(self.gate_up_proj, [self.gate_proj.shape[0]])
 
 
+@dataclass
+class DecodeBuffers:
+    """The arrays a one-token step (`Llama.decode`) writes, kept by its cache."""
+
+    x: np.ndarray  # [D], a normalised hidden state
+    qkv: np.ndarray  # [(NH+2*NKV)*HD]
+    qk: np.ndarray  # [NH+NKV, HD], queries and keys after RoPE
+    out: np.ndarray  # [D], the o_proj or down_proj product
+    gate_up: np.ndarray  # [2F]
+    act: np.ndarray  # [F], silu(gate) * up
+
+    @classmethod
+    def allocate(cls, c: LlamaConfig, dtype):
+        NH, NKV, HD, D, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.intermediate_size
+        return cls(np.empty(D, dtype), np.empty((NH + 2 * NKV) * HD, dtype), np.empty((NH + NKV, HD), dtype),
+                   np.empty(D, dtype), np.empty(2 * F, dtype), np.empty(F, dtype))
+
+
 class KVCache:
     """Keys and values of every layer for the positions seen so far.
 
@@ -90,6 +108,14 @@ class KVCache:
         self.k, self.v = self.allocate((config.num_hidden_layers, max_len, config.num_key_value_heads, config.head_dim), dtype)
         self.max_len = max_len
         self.pos = 0
+        self.dtype = dtype
+        self._buffers: DecodeBuffers | None = None
+
+    def decode_buffers(self, config: LlamaConfig) -> DecodeBuffers:
+        """One sequence's step buffers (a cache is one sequence, used by one thread at a time)."""
+        if self._buffers is None:
+            self._buffers = DecodeBuffers.allocate(config, self.dtype)
+        return self._buffers
 
     @staticmethod
     def allocate(shape, dtype):  # -> [L, max_len, NKV, HD] x2; the triton backend's cache allocates torch buffers
@@ -243,44 +269,52 @@ class Llama:
         """The logits of one new token at position cache.pos, appended to the cache.
 
         The same computation as `self([token], cache, last_only=True)[0]`, written for
-        the fewest NumPy calls. A decode step does ~60 small operations per layer besides
-        its four matrix-vector products, and each costs 3-5 us (its arithmetic is tiny,
-        but the weights streaming through the caches have evicted the interpreter's and
-        NumPy's own working set): 6-7 ms of a ~25 ms token on SmolLM2. Here:
+        the fewest NumPy calls and allocations. A decode step does ~60 small operations
+        per layer besides its four matrix-vector products, and each costs 3-5 us (its
+        arithmetic is tiny, but the weights streaming through the caches have evicted the
+        interpreter's and NumPy's own working set): 6-7 ms of a ~25 ms token on SmolLM2.
+        Here:
         - the hidden state is one row [D], so RMSNorm's mean square is a dot product and
           its scale a Python float (`_rms_norm_row`);
         - RoPE is the rotation matrix of this position, built once for all layers
           (`ops.rope_matrix`), one product for the queries and keys of a layer;
-        - the projections multiply the matrices by the vector (`W @ x`), no transposes.
-        Attention and the MLP are `ops.causal_attention` and `self.mlp` themselves.
-        `tests/test_llama.py` checks the logits against `__call__`.
+        - the projections multiply the matrices by the vector (`W @ x`), no transposes,
+          into buffers the cache keeps from step to step (`DecodeBuffers`), so the same
+          few kilobytes are written every layer instead of fresh ones.
+        Attention is `ops.causal_attention` itself. `tests/test_llama.py` checks the
+        logits against `__call__`, in float32 and float64.
         """
         c = self.config
         if not 0 <= token < c.vocab_size:
             raise ValueError(f"token id out of range [0, {c.vocab_size})")
-        NH, NKV, HD = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        NH, NKV, HD, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
+        QK = (NH + NKV) * HD  # the query and key rows of qkv
+        b = cache.decode_buffers(c)
         pos = cache.pos
         cos, sin = self.rope_tables(pos, 1)  # [1, HD] x2
         R = ops.rope_matrix(cos[0], sin[0])  # [HD, HD]
 
         h = self.embed_tokens[token].astype(self.dtype)  # [D], the residual stream (a copy)
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv_proj @ self._rms_norm_row(h, layer.input_layernorm)  # [(NH+2*NKV)*HD]
-            qk = qkv[: (NH + NKV) * HD].reshape(NH + NKV, HD) @ R  # [NH+NKV, HD], q and k rotated
-            v = qkv[(NH + NKV) * HD :].reshape(1, NKV, HD)  # [1, NKV, HD]
-            keys, values = cache.update(i, qk[None, NH:], v)  # [S, NKV, HD] x2
-            a = ops.causal_attention(qk[None, :NH], keys, values, pos)  # [1, NH, HD]
-            h += layer.o_proj @ a.reshape(NH * HD)  # [D]
-            h += self.mlp(layer, self._rms_norm_row(h, layer.post_attention_layernorm)[None])[0]  # [D]
-        cache.advance(1)
-        return self.lm_head @ self._rms_norm_row(h, self.norm)  # [V]
+            np.matmul(layer.qkv_proj, self._rms_norm_row(h, layer.input_layernorm, out=b.x), out=b.qkv)
+            np.matmul(b.qkv[:QK].reshape(NH + NKV, HD), R, out=b.qk)  # q and k rotated
+            keys, values = cache.update(i, b.qk[None, NH:], b.qkv[QK:].reshape(1, NKV, HD))  # [S, NKV, HD] x2
+            a = ops.causal_attention(b.qk[None, :NH], keys, values, pos)  # [1, NH, HD]
+            h += np.matmul(layer.o_proj, a.reshape(NH * HD), out=b.out)  # [D]
 
-    def _rms_norm_row(self, h, weight):  # [D], [D] -> [D]
+            np.matmul(layer.gate_up_proj, self._rms_norm_row(h, layer.post_attention_layernorm, out=b.x), out=b.gate_up)
+            act = ops.silu(b.gate_up[:F], out=b.act)  # [F]
+            act *= b.gate_up[F:]
+            h += np.matmul(layer.down_proj, act, out=b.out)  # [D]
+        cache.advance(1)
+        return self.lm_head @ self._rms_norm_row(h, self.norm, out=b.x)  # [V], a new array
+
+    def _rms_norm_row(self, h, weight, out):  # [D], [D] -> [D]
         """ops.rms_norm of a single row: x / sqrt(mean(x^2) + eps) * weight."""
         inv_rms = 1 / math.sqrt(float(np.dot(h, h)) / h.shape[0] + self.config.rms_norm_eps)  # in float64
-        y = h * h.dtype.type(inv_rms)
-        y *= weight
-        return y
+        np.multiply(h, h.dtype.type(inv_rms), out=out)
+        out *= weight
+        return out
 
     def rope_tables(self, start: int, T: int):  # -> [T, HD], [T, HD]
         """cos and sin of positions start .. start + T - 1, sliced from tables computed

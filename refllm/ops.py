@@ -46,9 +46,13 @@ def softmax(x, axis=-1):  # [..., N] -> [..., N]
     return e / np.add.reduce(e, axis=axis, keepdims=True)
 
 
-def silu(x):  # [...] -> [...]
-    """x * sigmoid(x), written to stay finite for large |x|."""
-    return x / (1 + np.exp(-x))
+def silu(x, out=None):  # [...] -> [...]
+    """x * sigmoid(x), written x / (1 + exp(-x)) to stay finite for large |x|; into
+    `out` when given (an array of x's shape, not x itself)."""
+    y = np.negative(x, out=out)
+    np.exp(y, out=y)
+    y += 1
+    return np.divide(x, y, out=y)
 
 
 def gelu(x):  # [...] -> [...]
