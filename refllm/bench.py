@@ -20,7 +20,8 @@ tied lm_head included; the embedding row gather is negligible) plus the KV cache
 
 and the machine's read bandwidth is measured here, by a streaming read of a 512 MiB
 array (one thread per core, each over its own slice; NumPy's sum and a one-thread BLAS
-matrix-vector product as readers): the best pass. Prefill is compute-bound and reports GFLOP/s (2 x multiply-adds of the
+matrix-vector product as readers), sampled between the engines' decode rounds: the
+median sample. Prefill is compute-bound and reports GFLOP/s (2 x multiply-adds of the
 projections and the attention). `memory` runs `refllm infer` in a child process and
 reads its peak resident set size (`wait4`'s ru_maxrss), against the float32 weight size.
 
@@ -168,38 +169,62 @@ def _cpu_name() -> str:
 
 # ------------------------------------------------------------------ physics
 
-def read_bandwidth(nbytes: int = 512 * 2**20, passes: int = 7, threads: int | None = None) -> float:
-    """The machine's streaming read bandwidth in bytes/s.
+class ReadBandwidth:
+    """The machine's streaming read bandwidth, sampled in bytes/s.
 
     An array far larger than the caches is read by one thread per core, each over its
     own slice (NumPy and the BLAS release the GIL), by two independent readers: NumPy's
     sum and a one-thread BLAS matrix-vector product over the slice viewed as [n, 1024]
-    rows. The best pass of either is reported: any reader that reaches a rate proves
-    the memory delivers it.
+    rows. `sample()` reads it once with each and returns the faster rate: any reader
+    that reaches a rate proves the memory delivers it.
+
+    The bandwidth a shared VM gets moves by a third from minute to minute (26 to 43
+    GB/s seen on one machine in one hour), so `run` samples it between the decode rounds
+    of the engines, in the same turns, and reports the median: the bandwidth of the
+    minutes the engines ran in.
     """
-    threads = threads or n_threads()
-    a = np.ones(nbytes // 4, dtype=np.float32)  # [N] touched once, so the pages exist
-    slices = np.array_split(a.reshape(-1, 1024), threads)  # [N/1024/threads, 1024] each
-    x = np.ones(1024, dtype=np.float32)  # [1024]
-    readers = [np.sum, lambda rows: rows @ x]
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # without it the BLAS reader would run threads x BLAS threads
-        readers, threadpool_limits = readers[:1], None
-    best = float("inf")
-    with ThreadPoolExecutor(threads) as pool:
-        for read in readers:
-            limits = threadpool_limits(1) if threadpool_limits and read is not np.sum else None
-            try:
-                list(pool.map(read, slices))  # warm-up
-                for _ in range(passes):
+
+    def __init__(self, nbytes: int = 512 * 2**20, threads: int | None = None):
+        self.threads = threads or n_threads()
+        self.a = np.ones(nbytes // 4, dtype=np.float32)  # [N] touched once, so the pages exist
+        self.slices = np.array_split(self.a.reshape(-1, 1024), self.threads)  # [N/1024/threads, 1024] each
+        x = np.ones(1024, dtype=np.float32)  # [1024]
+        self.readers = [np.sum, lambda rows: rows @ x]
+        self.samples: list[float] = []
+
+    def sample(self) -> float:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # without it the BLAS reader would run threads x BLAS threads
+            readers, threadpool_limits = self.readers[:1], None
+        else:
+            readers = self.readers
+        best = float("inf")
+        with ThreadPoolExecutor(self.threads) as pool:
+            for read in readers:
+                limits = threadpool_limits(1) if threadpool_limits and read is not np.sum else None
+                try:
                     t0 = time.perf_counter()
-                    list(pool.map(read, slices))
+                    list(pool.map(read, self.slices))
                     best = min(best, time.perf_counter() - t0)
-            finally:
-                if limits is not None:
-                    limits.restore_original_limits()
-    return a.nbytes / best
+                finally:
+                    if limits is not None:
+                        limits.restore_original_limits()
+        self.samples.append(self.a.nbytes / best)
+        return self.samples[-1]
+
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+def read_bandwidth(nbytes: int = 512 * 2**20, passes: int = 7, threads: int | None = None) -> float:
+    """The median of `passes` samples of `ReadBandwidth`, after one warm-up pass."""
+    probe = ReadBandwidth(nbytes, threads)
+    probe.sample()
+    probe.samples.clear()
+    for _ in range(passes):
+        probe.sample()
+    return probe.median()
 
 
 def llama_costs(config, prompt_tokens: int, decode_tokens: int) -> tuple[float, float, int]:
@@ -589,9 +614,13 @@ def run(llama_dir=None, minilm_dir=None, *, rounds: int = 5, engines=ALL_ENGINES
     threads = n_threads()
     report = Report(results=[], machine=machine_info())
     log(f"# machine: {report.machine}")
-    log("# measuring read bandwidth ...")
-    report.read_bandwidth = read_bandwidth()
-    log(f"# read bandwidth: {report.read_bandwidth / 1e9:.1f} GB/s")
+    probe = None
+    if llama_dir is None or "decode" not in tasks:
+        log("# measuring read bandwidth ...")
+        report.read_bandwidth = read_bandwidth()
+        log(f"# read bandwidth: {report.read_bandwidth / 1e9:.1f} GB/s")
+    else:
+        probe = ReadBandwidth()  # sampled between the decode rounds
 
     if llama_dir is not None:
         from .config import LlamaConfig
@@ -610,8 +639,13 @@ def run(llama_dir=None, minilm_dir=None, *, rounds: int = 5, engines=ALL_ENGINES
                 jobs[task] = [(Result(task, name, units, "tok/s", skipped=skipped), engine,
                                (lambda e=engine, f=time_one: f(e, ids)))
                               for name, engine, skipped in loaded]
-        _measure_interleaved(jobs, rounds, report, log)
+        _measure_interleaved(jobs, rounds, report, log, probe={"decode": probe})
         del loaded, jobs
+    if probe is not None:
+        report.read_bandwidth = probe.median() if probe.samples else read_bandwidth()
+        log(f"# read bandwidth: {report.read_bandwidth / 1e9:.1f} GB/s (median of {len(probe.samples)} samples "
+            "between the decode rounds)")
+        del probe
 
     if minilm_dir is not None and "embed" in tasks:
         loaded = embed_engines(minilm_dir, engines, threads)
@@ -632,17 +666,24 @@ def run(llama_dir=None, minilm_dir=None, *, rounds: int = 5, engines=ALL_ENGINES
     return report
 
 
-def _measure_interleaved(jobs: dict, rounds: int, report: Report, log) -> None:
+def _measure_interleaved(jobs: dict, rounds: int, report: Report, log, probe: dict | None = None) -> None:
     """For each task, one warm-up round per engine, then the timed rounds in turn
     (engine A, B, C, A, B, C, ...): on a shared machine a burst of load falls on every
-    engine alike, and the ratios of one run stay fair."""
+    engine alike, and the ratios of one run stay fair. `probe[task]`, when given, is a
+    `ReadBandwidth` sampled once per turn (A, B, C, probe, A, B, C, probe, ...)."""
     for task, entries in jobs.items():
         live = [(result, timed) for result, engine, timed in entries if engine is not None]
+        sample = (probe or {}).get(task)
         for _, timed in live:
             timed()  # warm-up
+        if sample is not None and live:
+            sample.sample()
+            sample.samples.clear()  # the warm-up pass
         for _ in range(rounds):
             for result, timed in live:
                 result.seconds.append(timed())
+            if sample is not None and live:
+                sample.sample()
         for result, engine, _ in entries:
             report.results.append(result)
             what = f"{result.rate:8.1f} {result.unit}" if engine is not None else f"skipped: {result.skipped}"

@@ -53,11 +53,26 @@ def test_llama_costs_of_smollm2():
 
 
 def test_run_and_report_on_a_tiny_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "read_bandwidth", lambda: 20e9)
+    probes = []
+
+    class FakeProbe(bench.ReadBandwidth):  # 20, 30, 40 ... GB/s, from a small array
+        def __init__(self):
+            super().__init__(nbytes=1 << 20)
+            probes.append(self)
+
+        def sample(self):
+            super().sample()
+            self.samples[-1] = 10e9 * (len(self.samples) + 1)
+            return self.samples[-1]
+
+    monkeypatch.setattr(bench, "ReadBandwidth", FakeProbe)
     d = make_tiny_llm(tmp_path / "models", context=300)
-    report = bench.run(d, None, rounds=2, engines=[bench.REFLLM], tasks=["prefill", "decode"], log=lambda s: None)
+    report = bench.run(d, None, rounds=3, engines=[bench.REFLLM], tasks=["prefill", "decode"], log=lambda s: None)
+    # One probe, sampled after each of the 3 decode turns (its warm-up sample dropped).
+    assert len(probes) == 1 and probes[0].samples == [20e9, 30e9, 40e9]
+    assert report.read_bandwidth == 30e9
     assert [(r.task, r.engine, len(r.seconds)) for r in report.results] == [
-        ("prefill", bench.REFLLM, 2), ("decode", bench.REFLLM, 2)]
+        ("prefill", bench.REFLLM, 3), ("decode", bench.REFLLM, 3)]
     assert all(r.rate > 0 for r in report.results)
     # A peer's row and the ratio column, with made-up seconds.
     report.results.append(bench.Result("decode", bench.LLAMA_CPP, 128, "tok/s", seconds=[1.0]))
@@ -92,3 +107,10 @@ def test_bench_command_line_rejects_unknown_choices(capsys):
     assert "unknown choice 'nope'" in capsys.readouterr().err
     assert bench.bench_from_args(parser.parse_args(["--rounds", "0"])) == 2
     assert bench._pick("LLAMA,refllm", bench.ALL_ENGINES) == [bench.LLAMA_CPP, bench.REFLLM]
+
+
+def test_read_bandwidth_is_the_median_of_its_samples():
+    probe = bench.ReadBandwidth(nbytes=8 << 20, threads=2)
+    rates = [probe.sample() for _ in range(3)]
+    assert all(r > 1e8 for r in rates) and probe.median() == sorted(rates)[1]
+    assert bench.read_bandwidth(nbytes=8 << 20, passes=3) > 1e8
