@@ -19,6 +19,8 @@ Precision policy (the whole of it):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import scipy.special
 
@@ -42,8 +44,10 @@ def layer_norm(x, weight, bias, eps):  # [..., H], [H], [H] -> [..., H]
 
 
 def softmax(x, axis=-1):  # [..., N] -> [..., N]
-    e = np.exp(x - np.maximum.reduce(x, axis=axis, keepdims=True))
-    return e / np.add.reduce(e, axis=axis, keepdims=True)
+    e = x - np.maximum.reduce(x, axis=axis, keepdims=True)  # the one new array; in place from here
+    np.exp(e, out=e)
+    e /= np.add.reduce(e, axis=axis, keepdims=True)
+    return e
 
 
 def silu(x, out=None):  # [...] -> [...]
@@ -179,11 +183,12 @@ def causal_attention(q, k, v, start_pos):  # [T, NH, HD], [S, NKV, HD], [S, NKV,
     T, NH, HD = q.shape
     S, NKV, _ = k.shape
     G = NH // NKV  # query heads per key/value head
-    scale = q.dtype.type(1 / np.sqrt(HD))
+    scale = q.dtype.type(1 / math.sqrt(HD))
     kh, vh = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [NKV, S, HD] x2, views of the cache
     if T == 1:
         qg = q.reshape(NKV, G, HD, 1)  # [NKV, G, HD, 1]
-        scores = (kh[:, None] @ qg)[..., 0] * scale  # [NKV, G, S]
+        scores = (kh[:, None] @ qg)[..., 0]  # [NKV, G, S]
+        scores *= scale
         out = softmax(scores)[:, :, None, :] @ vh[:, None]  # [NKV, G, 1, HD]
         return out.reshape(1, NH, HD)
     qg = q.reshape(T, NKV, G, HD).transpose(1, 0, 2, 3).reshape(NKV, T * G, HD)  # [NKV, T*G, HD], row t*G + g
