@@ -701,7 +701,8 @@ def format_report(report: Report) -> str:
     bw = report.read_bandwidth
     bpt = report.decode_bytes_per_token
     if bw:
-        lines.append(f"Measured read bandwidth: {bw / 1e9:.1f} GB/s (streaming read of 512 MiB, {m.get('cores')} threads)"
+        lines.append(f"Measured read bandwidth: {bw / 1e9:.1f} GB/s (streaming reads of 512 MiB on {m.get('cores')} threads, "
+                     "the median sample)"
                      + (f"; decode reads {bpt / 1e6:.0f} MB a token, so the bandwidth floor is "
                         f"{bw / bpt:.1f} tok/s." if bpt else "."))
     lines.append("")
