@@ -102,10 +102,15 @@ class KVCache:
     Fixed buffers of `max_len` positions, allocated once in the model's dtype; `pos` is
     the number of positions filled. A forward pass over T new tokens writes positions
     pos .. pos+T-1 of every layer, then advances `pos` by T.
+
+    Layout [L, NKV, max_len, HD], head-major as transformers' cache: attention reads each
+    key/value head's positions as one contiguous [S, HD] block. (Position-major
+    [L, max_len, NKV, HD] interleaves the heads, and a decode step's attention then
+    reads 256-byte runs 768 bytes apart: 30% slower at 600 positions on SmolLM2.)
     """
 
     def __init__(self, config: LlamaConfig, max_len: int, dtype=np.float32):
-        self.k, self.v = self.allocate((config.num_hidden_layers, max_len, config.num_key_value_heads, config.head_dim), dtype)
+        self.k, self.v = self.allocate(self.shape(config, max_len), dtype)
         self.max_len = max_len
         self.pos = 0
         self.dtype = dtype
@@ -118,19 +123,24 @@ class KVCache:
         return self._buffers
 
     @staticmethod
-    def allocate(shape, dtype):  # -> [L, max_len, NKV, HD] x2; the triton backend's cache allocates torch buffers
+    def shape(c: LlamaConfig, max_len: int):  # [L, NKV, max_len, HD]; the triton backend's cache has its own
+        return c.num_hidden_layers, c.num_key_value_heads, max_len, c.head_dim
+
+    @staticmethod
+    def allocate(shape, dtype):  # -> two zero buffers of `shape`; the triton backend's cache allocates torch ones
         return np.zeros(shape, dtype=dtype), np.zeros(shape, dtype=dtype)
 
     def check_room(self, T: int) -> None:
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache full: {self.pos} + {T} positions > {self.max_len}")
 
-    def update(self, layer: int, k, v):  # [T, NKV, HD] x2 -> [S, NKV, HD] x2, S = pos + T
+    def update(self, layer: int, k, v):  # [T, NKV, HD] x2 -> [S, NKV, HD] x2 (views), S = pos + T
         T = k.shape[0]
         self.check_room(T)
-        self.k[layer, self.pos : self.pos + T] = k
-        self.v[layer, self.pos : self.pos + T] = v
-        return self.k[layer, : self.pos + T], self.v[layer, : self.pos + T]
+        self.k[layer, :, self.pos : self.pos + T] = k.transpose(1, 0, 2)
+        self.v[layer, :, self.pos : self.pos + T] = v.transpose(1, 0, 2)
+        S = self.pos + T
+        return self.k[layer, :, :S].transpose(1, 0, 2), self.v[layer, :, :S].transpose(1, 0, 2)
 
     def advance(self, T: int) -> None:
         self.pos += T

@@ -70,6 +70,10 @@ class TritonKVCache(KVCache):
         self.device = device
         super().__init__(config, max_len, dtype)
 
+    @staticmethod
+    def shape(c: LlamaConfig, max_len: int):  # [L, max_len, NKV, HD], position-major, as the kernels write it
+        return c.num_hidden_layers, max_len, c.num_key_value_heads, c.head_dim
+
     def allocate(self, shape, dtype):  # -> [L, max_len, NKV, HD] x2, torch on the device
         import torch
 

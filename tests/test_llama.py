@@ -64,7 +64,7 @@ def test_one_token_decode_equals_the_forward_pass(tmp_path, name, dtype):
         assert fast.shape == ref.shape and fast.dtype == ref.dtype == dtype
         np.testing.assert_allclose(fast, ref, rtol=tol, atol=tol)
     assert a.pos == b.pos == len(ids)
-    np.testing.assert_allclose(a.k[:, : a.pos], b.k[:, : b.pos], rtol=tol, atol=tol)
+    np.testing.assert_allclose(a.k[..., : a.pos, :], b.k[..., : b.pos, :], rtol=tol, atol=tol)  # [L, NKV, S, HD]
     with pytest.raises(ValueError, match="token id out of range"):
         model.decode(TINY_CONFIGS[name]["vocab_size"], a)
 
