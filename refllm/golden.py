@@ -336,6 +336,14 @@ class _Recording:
         self.outputs.append(np.array(out[-1], dtype=np.float64))  # [V] the last position
         return out
 
+    def decode(self, token, cache):  # the one-token path generation takes (Llama.decode), recorded too
+        if hasattr(self.model, "decode"):
+            out = self.model.decode(token, cache)  # [V]
+        else:
+            out = self.model([token], cache, last_only=True)[0]
+        self.outputs.append(np.array(out, dtype=np.float64))
+        return out
+
     def __getattr__(self, name):
         return getattr(self.model, name)
 

@@ -121,7 +121,13 @@ def test_dropped_repeat_penalty_is_caught(broken_server, golden_dir, tmp_path, c
 
 
 def test_unmasked_pooling_is_caught(broken_server, golden_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(refllm.embeddings, "mean_pool", lambda hidden, mask: hidden.mean(axis=1))
+    # A backend that averages over the padded positions too, whose states are not zero
+    # there (transformers gives them states; refllm's are zeros, so fill them with [CLS]'s).
+    def unmasked_pool(hidden, mask):  # [B, T, H], [B, T] -> [B, H]
+        padded = (np.asarray(mask) == 0)[..., None]  # [B, T, 1]
+        return np.where(padded, hidden[:, :1], hidden).mean(axis=1)
+
+    monkeypatch.setattr(refllm.embeddings, "mean_pool", unmasked_pool)
     s = broken_server()
     code, doc, out = _run(s.url, golden_dir, tmp_path, ["embed-single", "embed-batch"], capsys)
     assert code == 1
@@ -154,7 +160,13 @@ def test_perturbed_logits_are_caught(broken_server, golden_dir, tmp_path, capsys
             self.model = model
 
         def __call__(self, *args, **kwargs):
-            out = self.model(*args, **kwargs)
+            return self.perturb(self.model(*args, **kwargs))
+
+        def decode(self, token, cache):  # the one-token path generation takes
+            return self.perturb(self.model.decode(token, cache))
+
+        @staticmethod
+        def perturb(out):
             return out + np.where(np.arange(out.shape[-1]) % 2 == 0, 1e-2, -1e-2).astype(out.dtype)
 
         def __getattr__(self, name):
