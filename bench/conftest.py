@@ -74,13 +74,26 @@ def minilm_dir(models_root) -> Path:
     return model_path("all-minilm-l6-v2", models_root)
 
 
+def _close(loaded) -> None:
+    if loaded is not None and hasattr(loaded, "close"):
+        loaded.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_engines_at_the_end():
+    yield
+    for loaded, _ in _ENGINES.values():
+        _close(loaded)
+    _ENGINES.clear()
+
+
 def engine(kind: str, name: str, factory):
     """One loaded engine per (kind, name) for the session, or a skip with the reason.
     Engines of the other kind are dropped first, so only one model set is resident."""
     key = (kind, name)
     if key not in _ENGINES:
         for other in [k for k in _ENGINES if k[0] != kind]:
-            del _ENGINES[other]
+            _close(_ENGINES.pop(other)[0])
         _ENGINES[key] = bench.load_peer(name, factory)
     loaded, skipped = _ENGINES[key]
     if loaded is None:

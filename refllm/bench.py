@@ -365,6 +365,10 @@ class LlamaCppLLM:
                                    n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
         self.n_vocab = self.llm.n_vocab()
 
+    def close(self) -> None:
+        """Free the model now: llama-cpp-python's own __del__ fails at interpreter exit."""
+        self.llm.close()
+
     def _next(self) -> int:
         # The last position's logits, read in place (`eval` keeps none without logits_all).
         logits = self.llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
