@@ -15,7 +15,8 @@ Follows Hugging Face's `modeling_llama.py` (LlamaForCausalLM) and Meta's referen
 - Grouped-query attention (Ainslie et al. 2023): NKV key/value heads shared by NH
   query heads, never materialised NH times.
 - SwiGLU MLP (Shazeer 2020).
-- A preallocated KV cache, so decoding one token costs one pass over the weights.
+- A preallocated KV cache, so decoding one token costs one pass over the weights;
+  `Llama.decode` is that one-token step again, in as few NumPy calls as it takes.
 
 Weight names are the safetensors keys; shape letters are defined in `refllm.config`.
 """
@@ -279,11 +280,11 @@ class Llama:
         """The logits of one new token at position cache.pos, appended to the cache.
 
         The same computation as `self([token], cache, last_only=True)[0]`, written for
-        the fewest NumPy calls and allocations. A decode step does ~60 small operations
-        per layer besides its four matrix-vector products, and each costs 3-5 us (its
-        arithmetic is tiny, but the weights streaming through the caches have evicted the
-        interpreter's and NumPy's own working set): 6-7 ms of a ~25 ms token on SmolLM2.
-        Here:
+        the fewest NumPy calls and allocations. Through `__call__`, one token costs ~60
+        small operations per layer besides the four matrix-vector products, and each
+        costs 3-5 us (its arithmetic is tiny, but the weights streaming through the
+        caches have evicted the interpreter's and NumPy's own working set): 6-7 ms of a
+        ~25 ms token on SmolLM2. Here:
         - the hidden state is one row [D], so RMSNorm's mean square is a dot product and
           its scale a Python float (`_rms_norm_row`);
         - RoPE is the rotation matrix of this position, built once for all layers
