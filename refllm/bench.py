@@ -190,18 +190,18 @@ class ReadBandwidth:
         self.slices = np.array_split(self.a.reshape(-1, 1024), self.threads)  # [N/1024/threads, 1024] each
         x = np.ones(1024, dtype=np.float32)  # [1024]
         self.readers = [np.sum, lambda rows: rows @ x]
-        self.samples: list[float] = []
-
-    def sample(self) -> float:
         try:
             from threadpoolctl import threadpool_limits
         except ImportError:  # without it the BLAS reader would run threads x BLAS threads
-            readers, threadpool_limits = self.readers[:1], None
-        else:
-            readers = self.readers
+            self.readers, threadpool_limits = self.readers[:1], None
+        self.threadpool_limits = threadpool_limits
+        self.samples: list[float] = []
+
+    def sample(self) -> float:
+        threadpool_limits = self.threadpool_limits
         best = float("inf")
         with ThreadPoolExecutor(self.threads) as pool:
-            for read in readers:
+            for read in self.readers:
                 limits = threadpool_limits(1) if threadpool_limits and read is not np.sum else None
                 try:
                     t0 = time.perf_counter()

@@ -140,11 +140,8 @@ def prefill(model, prompt_ids, cache):  # [T] -> [V]
 
 
 def decode_one(model, token: int, cache):  # () -> [V]
-    """Run one new token at position cache.pos; its logits. A model with a one-token
-    path of its own (`Llama.decode`) takes it."""
-    if hasattr(model, "decode"):
-        return model.decode(token, cache)
-    return model([token], cache, last_only=True)[0]
+    """Run one new token at position cache.pos; its logits (`Llama.decode`)."""
+    return model.decode(token, cache)
 
 
 def generate_steps(llm: LoadedLLM, prompt_ids: Sequence[int], params: InferencingParams, rng) -> Iterator[Step]:

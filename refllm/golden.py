@@ -337,10 +337,7 @@ class _Recording:
         return out
 
     def decode(self, token, cache):  # the one-token path generation takes (Llama.decode), recorded too
-        if hasattr(self.model, "decode"):
-            out = self.model.decode(token, cache)  # [V]
-        else:
-            out = self.model([token], cache, last_only=True)[0]
+        out = self.model.decode(token, cache)  # [V]
         self.outputs.append(np.array(out, dtype=np.float64))
         return out
 

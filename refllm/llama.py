@@ -155,6 +155,9 @@ class Llama:
 
     >>> model = Llama.from_pretrained("path/to/model")
     >>> logits = model([1, 2, 3])            # [T, V], every position
+    >>> cache = model.new_cache(64)
+    >>> last = model([1, 2, 3], cache, last_only=True)   # [1, V], the cache holds 3 positions
+    >>> nxt = model.decode(7, cache)                      # [V], position 3, one token at a time
     """
 
     backend = "numpy"
@@ -286,7 +289,7 @@ class Llama:
         caches have evicted the interpreter's and NumPy's own working set): 6-7 ms of a
         ~25 ms token on SmolLM2. Here:
         - the hidden state is one row [D], so RMSNorm's mean square is a dot product and
-          its scale a Python float (`_rms_norm_row`);
+          its scale a Python float (`ops.rms_norm_row`);
         - RoPE is the rotation matrix of this position, built once for all layers
           (`ops.rope_matrix`), one product for the queries and keys of a layer;
         - the projections multiply the matrices by the vector (`W @ x`), no transposes,
@@ -298,7 +301,7 @@ class Llama:
         c = self.config
         if not 0 <= token < c.vocab_size:
             raise ValueError(f"token id out of range [0, {c.vocab_size})")
-        NH, NKV, HD, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
+        NH, NKV, HD, F, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps
         QK = (NH + NKV) * HD  # the query and key rows of qkv
         b = cache.decode_buffers(c)
         pos = cache.pos
@@ -307,25 +310,18 @@ class Llama:
 
         h = self.embed_tokens[token].astype(self.dtype)  # [D], the residual stream (a copy)
         for i, layer in enumerate(self.layers):
-            np.matmul(layer.qkv_proj, self._rms_norm_row(h, layer.input_layernorm, out=b.x), out=b.qkv)
+            np.matmul(layer.qkv_proj, ops.rms_norm_row(h, layer.input_layernorm, eps, out=b.x), out=b.qkv)
             np.matmul(b.qkv[:QK].reshape(NH + NKV, HD), R, out=b.qk)  # q and k rotated
             keys, values = cache.update(i, b.qk[None, NH:], b.qkv[QK:].reshape(1, NKV, HD))  # [S, NKV, HD] x2
             a = ops.causal_attention(b.qk[None, :NH], keys, values, pos)  # [1, NH, HD]
             h += np.matmul(layer.o_proj, a.reshape(NH * HD), out=b.out)  # [D]
 
-            np.matmul(layer.gate_up_proj, self._rms_norm_row(h, layer.post_attention_layernorm, out=b.x), out=b.gate_up)
+            np.matmul(layer.gate_up_proj, ops.rms_norm_row(h, layer.post_attention_layernorm, eps, out=b.x), out=b.gate_up)
             act = ops.silu(b.gate_up[:F], out=b.act)  # [F]
             act *= b.gate_up[F:]
             h += np.matmul(layer.down_proj, act, out=b.out)  # [D]
         cache.advance(1)
-        return self.lm_head @ self._rms_norm_row(h, self.norm, out=b.x)  # [V], a new array
-
-    def _rms_norm_row(self, h, weight, out):  # [D], [D] -> [D]
-        """ops.rms_norm of a single row: x / sqrt(mean(x^2) + eps) * weight."""
-        inv_rms = 1 / math.sqrt(float(np.dot(h, h)) / h.shape[0] + self.config.rms_norm_eps)  # in float64
-        np.multiply(h, h.dtype.type(inv_rms), out=out)
-        out *= weight
-        return out
+        return self.lm_head @ ops.rms_norm_row(h, self.norm, eps, out=b.x)  # [V], a new array
 
     def rope_tables(self, start: int, T: int):  # -> [T, HD], [T, HD]
         """cos and sin of positions start .. start + T - 1, sliced from tables computed

@@ -153,6 +153,11 @@ class TritonLlama:
             self._cos, self._sin = torch.tensor(cos, device=self.device), torch.tensor(sin, device=self.device)
         return self._cos[start : start + T], self._sin[start : start + T]
 
+    def decode(self, token: int, cache: TritonKVCache):  # () -> [V]
+        """The logits of one new token at position cache.pos (`Llama.decode`'s
+        interface): the forward pass at T = 1, whose kernels already take that path."""
+        return self([token], cache, last_only=True)[0]
+
     def __call__(self, ids, cache: TritonKVCache | None = None, last_only: bool = False):  # [T] -> [T, V] (or [1, V])
         """Logits for `ids`, the tokens at positions cache.pos .. cache.pos + T - 1, as a
         float32 NumPy array on the host (see `refllm.llama.Llama.__call__`)."""

@@ -31,6 +31,15 @@ def rms_norm(x, weight, eps):  # [..., D], [D] -> [..., D]
     return x / np.sqrt(ms + eps) * weight
 
 
+def rms_norm_row(x, weight, eps, out):  # [D], [D] -> [D], written into out
+    """rms_norm of a single row, as a decode step has it: the mean square is one dot
+    product and the scale a Python float (float64), so three NumPy calls in all."""
+    inv_rms = 1 / math.sqrt(float(np.dot(x, x)) / x.shape[0] + eps)
+    np.multiply(x, x.dtype.type(inv_rms), out=out)
+    out *= weight
+    return out
+
+
 def layer_norm(x, weight, bias, eps):  # [..., H], [H], [H] -> [..., H]
     """LayerNorm (Ba et al. 2016) with the biased variance, as torch.nn.LayerNorm."""
     H = x.shape[-1]

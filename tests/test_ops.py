@@ -23,3 +23,13 @@ def test_rope_matrix_is_rope_at_one_position(HD, position):
     by_complex = np.concatenate([z.real, z.imag], axis=-1)  # [N, HD]
     np.testing.assert_allclose(by_matrix, by_complex, rtol=0, atol=1e-13)
     np.testing.assert_allclose(by_rope, by_complex, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-6), (np.float64, 1e-15)])
+def test_rms_norm_row_is_rms_norm_of_one_row(dtype, tol):
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal(576).astype(dtype) * 3, rng.standard_normal(576).astype(dtype)  # [D] x2
+    out = np.empty_like(x)
+    got = ops.rms_norm_row(x, w, 1e-5, out=out)  # [D]
+    assert got is out and got.dtype == dtype
+    np.testing.assert_allclose(got, ops.rms_norm(x[None], w, 1e-5)[0], rtol=tol, atol=tol)

@@ -75,7 +75,7 @@ def test_tiny_llama_whole_sequence(tiny_llama):
 def test_tiny_llama_cached_decoding(tiny_llama):
     """Prefill 9 tokens, a chunk of 6 on top of the cache, then 3 tokens one at a time:
     each step's logits match the numpy backend's (with its own cache) and the whole-
-    sequence recomputation."""
+    sequence recomputation; then two more through `decode`."""
     name, ref, tri = tiny_llama
     ids = np.random.default_rng(2).integers(0, ref.config.vocab_size, size=18)
     full = ref(ids)  # [18, V]
@@ -86,6 +86,10 @@ def test_tiny_llama_cached_decoding(tiny_llama):
         assert c_tri.pos == c_ref.pos == b
         assert max_diff(f"{name} cached [{a}:{b}]", got, want) <= TOL
         assert max_diff(f"{name} cached [{a}:{b}] vs full", got, full[b - got.shape[0] : b]) <= TOL
+    for t in (5, 7):  # the one-token step generation takes (decode): the same on both backends
+        got, want = tri.decode(t, c_tri), ref.decode(t, c_ref)  # [V] x2
+        assert got.shape == want.shape == (ref.config.vocab_size,) and c_tri.pos == c_ref.pos
+        assert max_diff(f"{name} decode({t})", got, want) <= TOL
 
 
 def test_triton_llama_surface(tmp_path):
