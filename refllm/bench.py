@@ -172,11 +172,16 @@ def _cpu_name() -> str:
 class ReadBandwidth:
     """The machine's streaming read bandwidth, sampled in bytes/s.
 
-    An array far larger than the caches is read by one thread per core, each over its
-    own slice (NumPy and the BLAS release the GIL), by two independent readers: NumPy's
-    sum and a one-thread BLAS matrix-vector product over the slice viewed as [n, 1024]
-    rows. `sample()` reads it once with each and returns the faster rate: any reader
-    that reaches a rate proves the memory delivers it.
+    An array far larger than the caches, on huge pages like the Llama's weights
+    (`WeightArena`: on 4 KiB pages the TLB walks cost a fifth of the rate), is read by
+    three readers: NumPy's sum and a one-thread BLAS matrix-vector product, each run by
+    one thread per core over its own slice (NumPy and the BLAS release the GIL), and one
+    matrix-vector product over the whole array on the BLAS's own threads, the kernel a
+    decode step streams its weights with. The array is column-major [n, 1024], so a
+    thread's slice of columns is contiguous. `sample()` reads it once with each and
+    returns the fastest rate: any reader that reaches a rate proves the memory delivers
+    it. (NumPy's pairwise float32 sum tops out near 14 GB/s a core; the products reach
+    what the memory gives.)
 
     The bandwidth a shared VM gets moves by a third from minute to minute (26 to 43
     GB/s seen on one machine in one hour), so `run` samples it between the decode rounds
@@ -185,27 +190,34 @@ class ReadBandwidth:
     """
 
     def __init__(self, nbytes: int = 512 * 2**20, threads: int | None = None):
+        from .checkpoint import WeightArena
+
         self.threads = threads or n_threads()
-        self.a = np.ones(nbytes // 4, dtype=np.float32)  # [N] touched once, so the pages exist
-        self.slices = np.array_split(self.a.reshape(-1, 1024), self.threads)  # [N/1024/threads, 1024] each
+        self.a = WeightArena().empty((max(nbytes // 4096, 1), 1024), np.float32, order="F")  # [n, 1024]
+        self.a[...] = 1  # touched once, so the pages exist
+        self.slices = [self.a[:, part] for part in np.array_split(np.arange(1024), self.threads)]  # contiguous
         x = np.ones(1024, dtype=np.float32)  # [1024]
-        self.readers = [np.sum, lambda rows: rows @ x]
+        self.readers = {  # name -> read(pool), one pass over the array
+            "NumPy sum, a thread per core": lambda pool: list(pool.map(np.sum, self.slices)),
+            "BLAS gemv on 1 thread, a thread per core": lambda pool: list(pool.map(lambda s: s @ x[: s.shape[1]], self.slices)),
+            "BLAS gemv on the BLAS's threads": lambda pool: self.a @ x,
+        }
         try:
             from threadpoolctl import threadpool_limits
-        except ImportError:  # without it the BLAS reader would run threads x BLAS threads
-            self.readers, threadpool_limits = self.readers[:1], None
+        except ImportError:  # without it the per-core BLAS reader would run threads x BLAS threads
+            del self.readers["BLAS gemv on 1 thread, a thread per core"]
+            threadpool_limits = None
         self.threadpool_limits = threadpool_limits
         self.samples: list[float] = []
 
     def sample(self) -> float:
-        threadpool_limits = self.threadpool_limits
         best = float("inf")
         with ThreadPoolExecutor(self.threads) as pool:
-            for read in self.readers:
-                limits = threadpool_limits(1) if threadpool_limits and read is not np.sum else None
+            for name, read in self.readers.items():
+                limits = self.threadpool_limits(1) if name.startswith("BLAS gemv on 1 thread") else None
                 try:
                     t0 = time.perf_counter()
-                    list(pool.map(read, self.slices))
+                    read(pool)
                     best = min(best, time.perf_counter() - t0)
                 finally:
                     if limits is not None:
@@ -705,8 +717,8 @@ def format_report(report: Report) -> str:
     bw = report.read_bandwidth
     bpt = report.decode_bytes_per_token
     if bw:
-        lines.append(f"Measured read bandwidth: {bw / 1e9:.1f} GB/s (streaming reads of 512 MiB on {m.get('cores')} threads, "
-                     "the median sample)"
+        lines.append(f"Measured read bandwidth: {bw / 1e9:.1f} GB/s (streaming reads of 512 MiB on huge pages, "
+                     f"{m.get('cores')} threads, the fastest of three readers; the median sample)"
                      + (f"; decode reads {bpt / 1e6:.0f} MB a token, so the bandwidth floor is "
                         f"{bw / bpt:.1f} tok/s." if bpt else "."))
     lines.append("")

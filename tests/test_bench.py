@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -114,3 +116,12 @@ def test_read_bandwidth_is_the_median_of_its_samples():
     rates = [probe.sample() for _ in range(3)]
     assert all(r > 1e8 for r in rates) and probe.median() == sorted(rates)[1]
     assert bench.read_bandwidth(nbytes=8 << 20, passes=3) > 1e8
+
+
+def test_read_bandwidth_sample_is_its_fastest_reader():
+    probe = bench.ReadBandwidth(nbytes=8 << 20, threads=2)
+    assert probe.a.shape == (2048, 1024) and probe.a.flags.f_contiguous  # 8 MiB, slices of columns
+    assert all(s.flags.f_contiguous for s in probe.slices) and sum(s.shape[1] for s in probe.slices) == 1024
+    probe.readers = {"slow": lambda pool: time.sleep(0.2), "fast": lambda pool: time.sleep(0.05)}
+    rate = probe.sample()
+    assert probe.a.nbytes / 0.2 < rate <= probe.a.nbytes / 0.05
