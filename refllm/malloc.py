@@ -14,11 +14,16 @@ from the heap, and up to 256 MiB of freed heap is kept for the next allocation. 
 memory is unchanged (the same arrays exist at the same time); only the return of freed
 memory to the OS between passes is given up. A no-op off glibc, and called once by the
 model constructors (`Llama`, `Bert`).
+
+The thresholds are process-wide: an application that imports refllm gets them for its
+own allocations too. Set `REFLLM_RETAIN_FREED_MEMORY=0` in the environment to leave
+glibc's defaults alone (the embedding batches then page-fault again, about 1.5x slower).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
@@ -28,10 +33,14 @@ _done = False
 
 
 def retain_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
-    """Set glibc's mmap and trim thresholds (once per process); True if glibc took them."""
+    """Set glibc's mmap and trim thresholds (once per process); True if glibc took them.
+    False, and nothing changed, where the process is not on glibc or the environment has
+    REFLLM_RETAIN_FREED_MEMORY=0."""
     global _done
     if _done:
         return True
+    if os.environ.get("REFLLM_RETAIN_FREED_MEMORY", "1").strip() == "0":
+        return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
