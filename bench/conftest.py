@@ -4,8 +4,9 @@
     pip install llama-cpp-python         # optional peer: builds llama.cpp (~9 minutes)
     pytest bench/ --benchmark-columns=median,min,max,rounds
 
-Every engine runs in the same session, on the same token ids and sentences; a peer that
-is not installed is skipped with the reason. At the end the session prints the table of
+Every engine runs in this pytest process, on the same token ids and sentences (`refllm
+bench` loads each in a process of its own and alternates their rounds); a peer that is
+not installed is skipped with the reason. At the end the session prints the table of
 `refllm.bench.format_report` (rates, refllm's ratio to each peer, bandwidth achieved
 against the bandwidth measured here, peak memory of `refllm infer`) and writes it, with
 the chart and the raw seconds, to bench/results/ (latest.md, latest.png, latest.json).

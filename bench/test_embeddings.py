@@ -15,11 +15,7 @@ EMBED_ENGINES = [bench.REFLLM, bench.SENTENCE_TRANSFORMERS]
 
 
 def load(name, minilm_dir):
-    factories = {
-        bench.REFLLM: lambda: bench.RefllmEmbedder(minilm_dir),
-        bench.SENTENCE_TRANSFORMERS: lambda: bench.SentenceTransformersEmbedder(minilm_dir, bench.n_threads()),
-    }
-    return engine("embed", name, factories[name])
+    return engine("embed", name, lambda: bench.EMBED_FACTORIES[name](minilm_dir, bench.n_threads()))
 
 
 @pytest.mark.parametrize("batch", [1, bench.EMBED_BATCH])

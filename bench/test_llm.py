@@ -13,13 +13,7 @@ LLM_ENGINES = [bench.REFLLM, bench.LLAMA_CPP, bench.TRANSFORMERS]
 
 
 def load(name, llama_dir):
-    threads = bench.n_threads()
-    factories = {
-        bench.REFLLM: lambda: bench.RefllmLLM(llama_dir),
-        bench.LLAMA_CPP: lambda: bench.LlamaCppLLM(bench.ensure_f32_gguf(llama_dir), threads),
-        bench.TRANSFORMERS: lambda: bench.TransformersLLM(llama_dir, threads),
-    }
-    return engine("llm", name, factories[name])
+    return engine("llm", name, lambda: bench.LLM_FACTORIES[name](llama_dir, bench.n_threads()))
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,11 @@ llama.cpp through llama-cpp-python on an F32 GGUF written here from the same
 safetensors, and sentence-transformers on the same embedding model directory. Each
 figure is the median of `rounds` timed runs after one untimed warm-up run (`refllm
 bench` takes the rounds of the engines in turn, A B C A B C ..., so that a burst of
-load on a shared machine hits all of them); all engines get the same token ids, use every core, and pick the next token by the same greedy
-argmax of their float32 logits, so the comparison is the model's forward pass alone.
+load on a shared machine hits all of them). Each engine is loaded in a process of its
+own, as a user runs it (`EngineProcess`; `--in-process` puts them all in one): torch,
+llama.cpp and refllm's malloc tuning each change their whole process. All engines get
+the same token ids, use every core, and pick the next token by the same greedy argmax
+of their float32 logits, so the comparison is the model's forward pass alone.
 
 The physics (as gpt-fast reports it): decoding one token reads every weight once (the
 tied lm_head included; the embedding row gather is negligible) plus the KV cache, so
@@ -114,6 +117,7 @@ class Report:
     peak_rss: int | None = None  # bytes, `refllm infer` as a user runs it
     peak_rss_numpy: int | None = None  # bytes, `refllm infer --backend numpy` (no CUDA probe)
     peak_rss_note: str = ""
+    isolated: bool = False  # each engine timed in a process of its own
 
     def rate(self, task: str, engine: str) -> float | None:
         for r in self.results:
@@ -377,6 +381,14 @@ class LlamaCppLLM:
                                    n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
         self.n_vocab = self.llm.n_vocab()
 
+    @classmethod
+    def from_model_dir(cls, model_dir, threads: int) -> "LlamaCppLLM":
+        """On the F32 GGUF of `model_dir` (written on first use); ModuleNotFoundError
+        first when llama-cpp-python is not installed."""
+        import llama_cpp  # noqa: F401
+
+        return cls(ensure_f32_gguf(model_dir), threads)
+
     def close(self) -> None:
         """Free the model now: llama-cpp-python's own __del__ fails at interpreter exit."""
         self.llm.close()
@@ -409,6 +421,17 @@ def time_decode(engine, ids, n: int = DECODE_TOKENS) -> float:
     for _ in range(n):
         token = engine.step(token)
     return time.perf_counter() - t0
+
+
+def time_task(engine, task: str, ids=None) -> float:
+    """Seconds of one timed round of `task` ("prefill", "decode", "embed b1", "embed b32")."""
+    if task == "prefill":
+        return time_prefill(engine, ids)
+    if task == "decode":
+        return time_decode(engine, ids)
+    if task.startswith("embed b"):
+        return time_embed(engine, SENTENCES, int(task.removeprefix("embed b")))
+    raise ValueError(f"unknown task {task!r}")
 
 
 def greedy_tokens(engine, ids, n: int) -> list[int]:
@@ -600,22 +623,115 @@ def load_peer(name: str, factory: Callable[[], object]):
         return None, f"failed to load: {type(e).__name__}: {str(e)[:200]}"
 
 
-def llm_engines(model_dir, engines, threads: int):
-    """[(name, engine or None, skip reason)] for the decoder engines asked for."""
-    factories = {
-        REFLLM: lambda: RefllmLLM(model_dir),
-        LLAMA_CPP: lambda: (__import__("llama_cpp"), LlamaCppLLM(ensure_f32_gguf(model_dir), threads))[1],
-        TRANSFORMERS: lambda: TransformersLLM(model_dir, threads),
-    }
-    return [(name, *load_peer(name, factories[name])) for name in engines if name in factories]
+LLM_FACTORIES = {  # name -> (model_dir, threads) -> engine
+    REFLLM: lambda model_dir, threads: RefllmLLM(model_dir),
+    LLAMA_CPP: lambda model_dir, threads: LlamaCppLLM.from_model_dir(model_dir, threads),
+    TRANSFORMERS: lambda model_dir, threads: TransformersLLM(model_dir, threads),
+}
+EMBED_FACTORIES = {
+    REFLLM: lambda model_dir, threads: RefllmEmbedder(model_dir),
+    SENTENCE_TRANSFORMERS: lambda model_dir, threads: SentenceTransformersEmbedder(model_dir, threads),
+}
 
 
-def embed_engines(model_dir, engines, threads: int):
-    factories = {
-        REFLLM: lambda: RefllmEmbedder(model_dir),
-        SENTENCE_TRANSFORMERS: lambda: SentenceTransformersEmbedder(model_dir, threads),
-    }
-    return [(name, *load_peer(name, factories[name])) for name in engines if name in factories]
+def llm_engines(model_dir, engines, threads: int, isolate: bool = False):
+    """[(name, engine or None, skip reason)] for the decoder engines asked for; with
+    `isolate`, each engine is an `EngineProcess` (loaded and timed in its own process)."""
+    return _engines("llm", LLM_FACTORIES, model_dir, engines, threads, isolate)
+
+
+def embed_engines(model_dir, engines, threads: int, isolate: bool = False):
+    return _engines("embed", EMBED_FACTORIES, model_dir, engines, threads, isolate)
+
+
+def _engines(kind, factories, model_dir, engines, threads, isolate):
+    if isolate:
+        return [(name, *EngineProcess.start(kind, name, model_dir, threads)) for name in engines if name in factories]
+    return [(name, *load_peer(name, lambda f=factories[name]: f(model_dir, threads)))
+            for name in engines if name in factories]
+
+
+def close_engines(loaded) -> None:
+    for _, engine, _ in loaded:
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()
+
+
+# ------------------------------------------------------------------ one process per engine
+#
+# Engines in one process disturb each other: refllm tunes glibc's malloc for the whole
+# process (refllm/malloc.py), torch starts its own thread pools and allocator, and
+# llama.cpp its own threads. A user runs one engine per process, so `refllm bench` does
+# the same: each engine is loaded in a child process of its own, which times the
+# parent's requests one round at a time (the rounds still alternate A B C A B C, and
+# only one process works at a time).
+
+class EngineProcess:
+    """An engine loaded in a child process (multiprocessing "spawn": a fresh
+    interpreter, none of the parent's imports). `time(task)` asks it for one timed
+    round and returns the child's own perf_counter seconds; `close()` ends it."""
+
+    def __init__(self, process, conn):
+        self.process, self.conn = process, conn
+
+    @classmethod
+    def start(cls, kind: str, name: str, model_dir, threads: int):
+        """(EngineProcess, None), or (None, why the engine is skipped), as `load_peer`."""
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_engine_process_main, args=(child, kind, name, str(model_dir), threads),
+                              name=f"refllm bench: {name}", daemon=True)
+        process.start()
+        child.close()
+        try:
+            skipped = parent.recv()  # None once the engine is loaded
+        except EOFError:
+            skipped = f"failed to load: its process exited with code {process.join(5) or process.exitcode}"
+        if skipped is not None:
+            process.join(5)
+            return None, skipped
+        return cls(process, parent), None
+
+    def time(self, task: str) -> float:
+        self.conn.send(task)
+        ok, value = self.conn.recv()
+        if not ok:
+            raise RuntimeError(f"{self.process.name}: {value}")
+        return value
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.process.join(30)
+        if self.process.is_alive():
+            self.process.terminate()
+        self.conn.close()
+
+
+def _engine_process_main(conn, kind: str, name: str, model_dir: str, threads: int) -> None:
+    """The child's loop: load the engine, say so (None, or the reason it is skipped),
+    then answer each task name with (True, seconds) or (False, the error) until None."""
+    factories = LLM_FACTORIES if kind == "llm" else EMBED_FACTORIES
+    engine, skipped = load_peer(name, lambda: factories[name](model_dir, threads))
+    conn.send(skipped)
+    if engine is None:
+        return
+    ids = prompt_ids(model_dir) if kind == "llm" else None
+    try:
+        while (task := conn.recv()) is not None:
+            try:
+                conn.send((True, time_task(engine, task, ids)))
+            except Exception as e:
+                conn.send((False, f"{type(e).__name__}: {str(e)[:300]}"))
+    except EOFError:  # the parent went away
+        pass
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
 
 
 # ------------------------------------------------------------------ the whole run
@@ -625,10 +741,12 @@ ALL_TASKS = ("prefill", "decode", "embed", "memory")
 
 
 def run(llama_dir=None, minilm_dir=None, *, rounds: int = 5, engines=ALL_ENGINES, tasks=ALL_TASKS,
-        models_dir=None, llm_name: str | None = None, log=print) -> Report:
-    """Measure everything asked for; a missing model directory skips its tasks."""
+        models_dir=None, llm_name: str | None = None, isolate: bool = True, log=print) -> Report:
+    """Measure everything asked for; a missing model directory skips its tasks. With
+    `isolate` (the default) each engine runs in its own process (`EngineProcess`);
+    without it, all of them in this one."""
     threads = n_threads()
-    report = Report(results=[], machine=machine_info())
+    report = Report(results=[], machine=machine_info(), isolated=isolate)
     log(f"# machine: {report.machine}")
     probe = None
     if llama_dir is None or "decode" not in tasks:
@@ -645,18 +763,14 @@ def run(llama_dir=None, minilm_dir=None, *, rounds: int = 5, engines=ALL_ENGINES
         report.decode_bytes_per_token, report.prefill_flops, report.weight_bytes = llama_costs(
             config, PROMPT_TOKENS, DECODE_TOKENS)
     if llama_dir is not None and ({"prefill", "decode"} & set(tasks)):
-        ids = prompt_ids(llama_dir)
-        loaded = llm_engines(llama_dir, engines, threads)
-        jobs = {}
-        for task in ("prefill", "decode"):
-            if task in tasks:
-                units = PROMPT_TOKENS if task == "prefill" else DECODE_TOKENS
-                time_one = time_prefill if task == "prefill" else time_decode
-                jobs[task] = [(Result(task, name, units, "tok/s", skipped=skipped), engine,
-                               (lambda e=engine, f=time_one: f(e, ids)))
-                              for name, engine, skipped in loaded]
-        _measure_interleaved(jobs, rounds, report, log, probe={"decode": probe})
-        del loaded, jobs
+        log("# loading the decoders ...")
+        loaded = llm_engines(llama_dir, engines, threads, isolate)
+        try:
+            _measure_interleaved(_jobs(loaded, [t for t in ("prefill", "decode") if t in tasks], prompt_ids(llama_dir)),
+                                 rounds, report, log, probe={"decode": probe})
+        finally:
+            close_engines(loaded)
+        del loaded
     if probe is not None:
         report.read_bandwidth = probe.median() if probe.samples else read_bandwidth()
         log(f"# read bandwidth: {report.read_bandwidth / 1e9:.1f} GB/s (median of {len(probe.samples)} samples "
@@ -664,14 +778,13 @@ def run(llama_dir=None, minilm_dir=None, *, rounds: int = 5, engines=ALL_ENGINES
         del probe
 
     if minilm_dir is not None and "embed" in tasks:
-        loaded = embed_engines(minilm_dir, engines, threads)
-        jobs = {f"embed b{batch}": [(Result(f"embed b{batch}", name, EMBED_PASSES * len(SENTENCES), "sent/s",
-                                            skipped=skipped), engine,
-                                     (lambda e=engine, b=batch: time_embed(e, SENTENCES, b)))
-                                    for name, engine, skipped in loaded]
-                for batch in (1, EMBED_BATCH)}
-        _measure_interleaved(jobs, rounds, report, log)
-        del loaded, jobs
+        log("# loading the embedders ...")
+        loaded = embed_engines(minilm_dir, engines, threads, isolate)
+        try:
+            _measure_interleaved(_jobs(loaded, ["embed b1", f"embed b{EMBED_BATCH}"]), rounds, report, log)
+        finally:
+            close_engines(loaded)
+        del loaded
 
     if "memory" in tasks and llm_name is not None:
         log("# measuring the peak memory of `refllm infer` ...")
@@ -680,6 +793,22 @@ def run(llama_dir=None, minilm_dir=None, *, rounds: int = 5, engines=ALL_ENGINES
         except Exception as e:
             report.peak_rss_note = f"not measured: {e}"
     return report
+
+
+def _jobs(loaded, tasks, ids=None) -> dict:
+    """{task: [(Result, engine or None, timed round)]} for `_measure_interleaved`."""
+    def timed(engine, task):
+        if isinstance(engine, EngineProcess):
+            return lambda: engine.time(task)
+        return lambda: time_task(engine, task, ids)
+
+    units = {"prefill": (PROMPT_TOKENS, "tok/s"), "decode": (DECODE_TOKENS, "tok/s")}
+    jobs = {}
+    for task in tasks:
+        n, unit = units.get(task, (EMBED_PASSES * len(SENTENCES), "sent/s"))
+        jobs[task] = [(Result(task, name, n, unit, skipped=skipped), engine, timed(engine, task))
+                      for name, engine, skipped in loaded]
+    return jobs
 
 
 def _measure_interleaved(jobs: dict, rounds: int, report: Report, log, probe: dict | None = None) -> None:
@@ -721,6 +850,8 @@ def format_report(report: Report) -> str:
                      f"{m.get('cores')} threads, the fastest of three readers; the median sample)"
                      + (f"; decode reads {bpt / 1e6:.0f} MB a token, so the bandwidth floor is "
                         f"{bw / bpt:.1f} tok/s." if bpt else "."))
+    lines.append("Each engine ran in a process of its own." if report.isolated else
+                 "All engines ran in one process (`--in-process`).")
     lines.append("")
     lines.append("| task | engine | median | refllm ÷ engine | physics |")
     lines.append("| --- | --- | ---: | ---: | --- |")
@@ -807,6 +938,8 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--engines", default=",".join(ALL_ENGINES),
                         help=f"comma-separated subset of: {', '.join(ALL_ENGINES)} (peers not installed are skipped)")
     parser.add_argument("--tasks", default=",".join(ALL_TASKS), help=f"comma-separated subset of: {', '.join(ALL_TASKS)}")
+    parser.add_argument("--in-process", action="store_true",
+                        help="load every engine in this one process (default: each in a process of its own)")
     parser.add_argument("--chart", help="write the PNG chart here")
     parser.add_argument("--json", dest="json_out", help="write the raw measurements here")
     parser.add_argument("--no-pull", action="store_true", help="do not pull a missing default model")
@@ -846,7 +979,7 @@ def bench_from_args(args) -> int:
     llama_dir = registry.find_llm(args.model, args.models_dir) if {"prefill", "decode", "memory"} & set(tasks) else None
     minilm_dir = registry.find_embedding_model(args.embedding_model, args.models_dir) if "embed" in tasks else None
     report = run(llama_dir, minilm_dir, rounds=args.rounds, engines=engines, tasks=tasks,
-                 models_dir=args.models_dir, llm_name=args.model, log=lambda s: print(s, file=sys.stderr, flush=True))
+                 models_dir=args.models_dir, llm_name=args.model, isolate=not args.in_process, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_report(report))
     if args.chart:
         written = write_chart(report, args.chart)

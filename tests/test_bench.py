@@ -72,7 +72,7 @@ def test_run_and_report_on_a_tiny_model(tmp_path, monkeypatch):
     report = bench.run(d, None, rounds=3, engines=[bench.REFLLM], tasks=["prefill", "decode"], log=lambda s: None)
     # One probe, sampled after each of the 3 decode turns (its warm-up sample dropped).
     assert len(probes) == 1 and probes[0].samples == [20e9, 30e9, 40e9]
-    assert report.read_bandwidth == 30e9
+    assert report.read_bandwidth == 30e9 and report.isolated  # the engine ran in a child process
     assert [(r.task, r.engine, len(r.seconds)) for r in report.results] == [
         ("prefill", bench.REFLLM, 3), ("decode", bench.REFLLM, 3)]
     assert all(r.rate > 0 for r in report.results)
@@ -87,6 +87,34 @@ def test_run_and_report_on_a_tiny_model(tmp_path, monkeypatch):
     if pytest.importorskip("matplotlib"):
         png = bench.write_chart(report, tmp_path / "chart.png")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_in_process_run_says_so(tmp_path):
+    d = make_tiny_llm(tmp_path / "models", context=300)
+    report = bench.run(d, None, rounds=1, engines=[bench.REFLLM], tasks=["prefill"], isolate=False, log=lambda s: None)
+    assert not report.isolated and [r.task for r in report.results if r.seconds] == ["prefill"]
+    assert "All engines ran in one process" in bench.format_report(report)
+    report.isolated = True
+    assert "Each engine ran in a process of its own" in bench.format_report(report)
+
+
+def test_engine_process_times_rounds_and_survives_a_bad_request(tmp_path):
+    d = make_tiny_llm(tmp_path / "models", context=300)
+    engine, skipped = bench.EngineProcess.start("llm", bench.REFLLM, d, 1)
+    assert skipped is None
+    try:
+        assert engine.process.pid != __import__("os").getpid() and engine.process.is_alive()
+        with pytest.raises(RuntimeError, match="unknown task 'embed'"):
+            engine.time("embed")
+        assert engine.time("decode") > 0 and engine.time("prefill") > 0  # still serving
+    finally:
+        engine.close()
+    assert not engine.process.is_alive() and engine.process.exitcode == 0
+
+
+def test_engine_process_that_cannot_load_is_skipped_with_the_reason(tmp_path):
+    engine, skipped = bench.EngineProcess.start("llm", bench.REFLLM, tmp_path / "no-such-model", 1)
+    assert engine is None and skipped.startswith("failed to load: ") and "no-such-model" in skipped
 
 
 def test_greedy_tokens_of_the_refllm_engine_match_the_model(tmp_path):
