@@ -59,11 +59,27 @@ TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # transformers' nam
 # Parameters: plain records, one per module of the checkpoint.
 
 
+WEIGHT_FIRST_ROWS = 128  # up to this many rows, `linear` multiplies W @ x.T (see there)
+
+
 def linear(x, weight, bias):  # [..., in], [out, in], [out] -> [..., out]
     """x @ W.T + b, as one 2-D GEMM over all the rows (NumPy runs a 3-D @ 2-D matmul
-    as a loop of smaller ones, about twice slower here)."""
-    y = x.reshape(-1, x.shape[-1]) @ weight.T  # [B*T, out]
-    y += bias  # in place: no second [B*T, out] array
+    as a loop of smaller ones, about twice slower here).
+
+    Up to WEIGHT_FIRST_ROWS rows the product is taken as (W @ x.T).T, the weight's rows
+    first: the same dot products, which OpenBLAS computes 1.6x (one thread) to 2x (two
+    threads) faster than x @ W.T when the rows are few (one sentence is ~10 tokens).
+    The gain shrinks as the rows grow (1.4x at 128, none at 256), and with 320 rows the
+    transposed [N, out] result slows the operators after it: batch-32 embedding was 5%
+    slower, batch-1 32% faster. (Measured on an Intel Xeon, OpenBLAS 0.3.31 SkylakeX
+    kernels, MiniLM's four matrices: 12 rows, 1187 vs 607 us with two threads.)
+    """
+    x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+    if x2.shape[0] <= WEIGHT_FIRST_ROWS:
+        y = (weight @ x2.T).T  # [N, out], a column-major view of [out, N]
+    else:
+        y = x2 @ weight.T  # [N, out]
+    y += bias  # in place: no second [N, out] array
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -114,6 +114,24 @@ def test_matches_transformers(case, dtype, torch_dtype, tol):
     assert err <= tol
 
 
+@pytest.mark.parametrize("rows", [1, 12, 128, 129, 320])
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-13)], ids=["float32", "float64"])
+def test_linear_matches_the_float64_product_on_both_sides_of_weight_first_rows(rows, dtype, tol):
+    """`linear` takes W @ x.T up to WEIGHT_FIRST_ROWS rows and x @ W.T above: both are
+    x W^T + b, against a float64 einsum; a 3-D input keeps its leading axes."""
+    from refllm import bert
+
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 48)).astype(dtype)  # [N, in]
+    w, b = rng.standard_normal((40, 48)).astype(dtype), rng.standard_normal(40).astype(dtype)  # [out, in], [out]
+    ref = np.einsum("ni,oi->no", x.astype(np.float64), w.astype(np.float64)) + b  # [N, out]
+    y = bert.linear(x, w, b)
+    assert y.shape == (rows, 40) and y.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(y, ref, rtol=tol, atol=tol * np.abs(ref).max())
+    np.testing.assert_array_equal(bert.linear(x[None], w, b)[0], y)
+    assert y.flags.f_contiguous == (rows <= bert.WEIGHT_FIRST_ROWS)  # which side was taken
+
+
 def test_lists_and_arrays_give_the_same(case):
     _, cfg, _, d = case
     ids, mask, _ = padded_batch(cfg, seed=1)
