@@ -13,7 +13,7 @@ Precision policy (the whole of it):
   never fully masked (causal attention always sees itself, BERT always sees [CLS]).
 - GELU is the exact erf form (`gelu`) unless a config names the tanh form
   (`gelu_tanh`, transformers' `gelu_new` / `gelu_pytorch_tanh`). Its erf is scipy's in
-  float64; in float32 it is a rational approximation within 4e-7 of the exact value
+  float64; in float32 it is a rational approximation within 4.2e-7 of the exact value
   (`erf`), as close as torch's own float32 GELU and 5x faster than scipy's float32 erf.
 """
 
@@ -68,8 +68,33 @@ def silu(x, out=None):  # [...] -> [...]
     return np.divide(x, y, out=y)
 
 
+BLOCK_ELEMENTS = 1 << 16  # 256 KiB of float32: what a chain of elementwise passes works on at a time
+
+
+def by_blocks(f, x):  # [...] -> [...]
+    """f(x) for an elementwise f, computed on blocks of BLOCK_ELEMENTS in memory order.
+
+    A chain of NumPy operations passes over its whole input once per operation: GELU's
+    erf makes ~25 passes, and BERT's [320, 1536] float32 input (2 MB) does not stay in
+    a core's cache between them. Over blocks of 256 KiB the passes after the first read
+    the cache: 2.5x faster on that input (6.9 ms to 2.5-3.2 ms, Intel Xeon, 2 MiB L2).
+    """
+    if x.size <= BLOCK_ELEMENTS or not (x.flags.c_contiguous or x.flags.f_contiguous):
+        return f(x)
+    out = np.empty_like(x)  # x's memory order
+    src, dst = x.ravel(order="K"), out.ravel(order="K")  # [x.size] views, in memory order
+    for i in range(0, x.size, BLOCK_ELEMENTS):
+        dst[i : i + BLOCK_ELEMENTS] = f(src[i : i + BLOCK_ELEMENTS])
+    return out
+
+
 def gelu(x):  # [...] -> [...]
-    """Exact GELU (Hendrycks & Gimpel 2016): x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))."""
+    """Exact GELU (Hendrycks & Gimpel 2016): x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)),
+    by blocks when x is large (`by_blocks`)."""
+    return by_blocks(_gelu, x)
+
+
+def _gelu(x):  # [...] -> [...]
     y = erf(x * x.dtype.type(1 / np.sqrt(2)))  # [...]
     y += 1
     y *= x
@@ -87,7 +112,7 @@ _ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -
 
 
 def erf(x):  # [...] -> [...]
-    """The error function. float32: the rational approximation above, within 4e-7 of the
+    """The error function. float32: the rational approximation above, within 4.2e-7 of the
     exact value (scipy's float32 erf computes in float64, 5x slower: it was the largest
     cost of a BERT forward pass). Any other dtype: scipy.special.erf."""
     if x.dtype != np.float32:

@@ -33,3 +33,30 @@ def test_rms_norm_row_is_rms_norm_of_one_row(dtype, tol):
     got = ops.rms_norm_row(x, w, 1e-5, out=out)  # [D]
     assert got is out and got.dtype == dtype
     np.testing.assert_allclose(got, ops.rms_norm(x[None], w, 1e-5)[0], rtol=tol, atol=tol)
+
+
+def test_float32_erf_is_within_4_2e_7_of_the_exact_erf():
+    import scipy.special
+
+    x = np.concatenate([np.linspace(-6, 6, 200_001), [-np.inf, -40.0, 0.0, 40.0, np.inf]]).astype(np.float32)
+    exact = scipy.special.erf(x.astype(np.float64))
+    assert np.abs(ops.erf(x).astype(np.float64) - exact).max() <= 4.2e-7  # 7 float32 ulps of 1; the docs say so
+    assert ops.erf(np.float64(0.5)) == scipy.special.erf(0.5)  # float64: scipy's own
+
+
+@pytest.mark.parametrize("shape, order", [((7,), "C"), ((320, 1536), "C"), ((100, 1536), "F"), ((2, 3, 70_000), "C")],
+                         ids=["small", "bert-b32", "column-major", "3-d"])
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-6), (np.float64, 1e-15)])
+def test_gelu_by_blocks_is_the_exact_gelu(shape, order, dtype, tol):
+    """gelu = 0.5 x (1 + erf(x / sqrt 2)) with scipy's float64 erf; computed by blocks of
+    BLOCK_ELEMENTS when large, it is the unblocked computation bit for bit, in x's order."""
+    import scipy.special
+
+    x = np.asarray(np.random.default_rng(3).standard_normal(shape) * 3, dtype=dtype, order=order)
+    y = ops.gelu(x)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(y, 0.5 * x64 * (1 + scipy.special.erf(x64 / np.sqrt(2))), rtol=0, atol=tol * 4)
+    assert y.dtype == dtype and y.shape == shape and y.flags.f_contiguous == x.flags.f_contiguous
+    np.testing.assert_array_equal(y, ops._gelu(x))
+    if x.size > ops.BLOCK_ELEMENTS:  # a strided view is computed whole, the same
+        np.testing.assert_array_equal(ops.gelu(x[..., ::2]), ops._gelu(x[..., ::2]))
