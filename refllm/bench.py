@@ -687,16 +687,21 @@ class EngineProcess:
         child.close()
         try:
             skipped = parent.recv()  # None once the engine is loaded
-        except EOFError:
-            skipped = f"failed to load: its process exited with code {process.join(5) or process.exitcode}"
+        except EOFError:  # it died before it could say why (a crash in native code)
+            process.join(5)
+            skipped = f"failed to load: its process exited with code {process.exitcode}"
         if skipped is not None:
             process.join(5)
             return None, skipped
         return cls(process, parent), None
 
     def time(self, task: str) -> float:
-        self.conn.send(task)
-        ok, value = self.conn.recv()
+        try:
+            self.conn.send(task)
+            ok, value = self.conn.recv()
+        except (EOFError, OSError):  # it died (the pipe is closed or reset)
+            self.process.join(5)
+            raise RuntimeError(f"{self.process.name}: its process exited with code {self.process.exitcode}") from None
         if not ok:
             raise RuntimeError(f"{self.process.name}: {value}")
         return value

@@ -112,6 +112,17 @@ def test_engine_process_times_rounds_and_survives_a_bad_request(tmp_path):
     assert not engine.process.is_alive() and engine.process.exitcode == 0
 
 
+def test_engine_process_that_dies_mid_round_is_named_with_its_exit_code(tmp_path):
+    d = make_tiny_llm(tmp_path / "models", context=300)
+    engine, _ = bench.EngineProcess.start("llm", bench.REFLLM, d, 1)
+    try:
+        engine.process.kill()
+        with pytest.raises(RuntimeError, match=r"refllm bench: refllm \(NumPy\): its process exited with code -9"):
+            engine.time("decode")
+    finally:
+        engine.close()
+
+
 def test_engine_process_that_cannot_load_is_skipped_with_the_reason(tmp_path):
     engine, skipped = bench.EngineProcess.start("llm", bench.REFLLM, tmp_path / "no-such-model", 1)
     assert engine is None and skipped.startswith("failed to load: ") and "no-such-model" in skipped
