@@ -234,8 +234,16 @@ def causal_attention(q, k, v, start_pos):  # [T, NH, HD], [S, NKV, HD], [S, NKV,
 
 
 def masked_attention(q, k, v, mask):  # [B, NH, T, HD] x3, [B, T] -> [B, NH, T, HD]
-    """BERT's bidirectional attention; keys where mask == 0 (padding) are ignored."""
+    """BERT's bidirectional attention; keys where mask == 0 (padding) are ignored.
+
+    The softmax runs over a keys-first copy of the scores, [T_k, B, NH, T_q]. NumPy
+    reduces over the last axis one short row at a time (a sentence has ~14 keys, and
+    each row costs ~150 ns), but over the first axis as elementwise operations on long
+    contiguous rows: 2.6x faster for the 32 benchmark sentences.
+    """
     HD = q.shape[-1]
-    scores = (q @ k.swapaxes(-1, -2)) * q.dtype.type(1 / np.sqrt(HD))  # [B, NH, T, T]
-    scores = np.where(mask[:, None, None, :] > 0, scores, -np.inf)
-    return softmax(scores) @ v
+    scores = (q @ k.swapaxes(-1, -2)) * q.dtype.type(1 / np.sqrt(HD))  # [B, NH, Tq, Tk]
+    keys_first = np.moveaxis(scores, -1, 0).copy()  # [Tk, B, NH, Tq], contiguous
+    keys_first[mask.T == 0] = -np.inf  # padded keys, whole [NH, Tq] blocks
+    p = softmax(keys_first, axis=0)  # [Tk, B, NH, Tq]
+    return np.moveaxis(p, 0, -1) @ v  # [B, NH, Tq, Tk] @ [B, NH, Tk, HD]

@@ -60,3 +60,22 @@ def test_gelu_by_blocks_is_the_exact_gelu(shape, order, dtype, tol):
     np.testing.assert_array_equal(y, ops._gelu(x))
     if x.size > ops.BLOCK_ELEMENTS:  # a strided view is computed whole, the same
         np.testing.assert_array_equal(ops.gelu(x[..., ::2]), ops._gelu(x[..., ::2]))
+
+
+@pytest.mark.parametrize("B, T, NH, HD", [(1, 5, 2, 4), (4, 9, 3, 8), (32, 14, 12, 32)])
+def test_masked_attention_is_each_querys_softmax_over_the_real_keys(B, T, NH, HD):
+    """Against the definition, one (sentence, head, query) at a time in float64: a
+    softmax over the keys the mask keeps, then the weighted sum of their values."""
+    rng = np.random.default_rng(B * T)
+    q, k, v = (rng.standard_normal((B, NH, T, HD)) for _ in range(3))  # [B, NH, T, HD] x3
+    lengths = rng.integers(1, T + 1, size=B)
+    lengths[0] = T  # one sentence without padding
+    mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)  # [B, T]
+    got = ops.masked_attention(q, k, v, mask)  # [B, NH, T, HD]
+    for b in range(B):
+        n = lengths[b]
+        for h in range(NH):
+            for t in range(T):
+                s = k[b, h, :n] @ q[b, h, t] / np.sqrt(HD)  # [n]
+                w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+                np.testing.assert_allclose(got[b, h, t], w @ v[b, h, :n], rtol=0, atol=1e-13)
