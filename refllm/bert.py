@@ -24,9 +24,10 @@ hidden_size, NH heads, HD = H // NH, F intermediate_size, V vocab_size.
 
 Precision: the weights are cast once, at load, to the model dtype (float32 by default,
 float64 on request; float16 and bfloat16 on disk are widened exactly), and every tensor
-of the forward pass stays in that dtype (see `refllm.ops`). Linear layers are written
+of the forward pass stays in that dtype (see `refllm.ops`). Linear layers compute
 `x @ W.T + b` with W as stored, `[out, in]`: no transposed copy is made, the BLAS call
-reads W transposed, and a float32 checkpoint stays memory-mapped.
+reads W transposed (or, for a few rows, multiplies `W @ x.T`: see `linear`), and a
+float32 checkpoint stays memory-mapped.
 
 Backends: `from_pretrained(..., backend=...)` is chosen by `refllm.backend`; "triton"
 returns `refllm.bert_triton.TritonBert`, which has the same surface. The forward
