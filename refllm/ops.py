@@ -244,6 +244,6 @@ def masked_attention(q, k, v, mask):  # [B, NH, T, HD] x3, [B, T] -> [B, NH, T, 
     HD = q.shape[-1]
     scores = (q @ k.swapaxes(-1, -2)) * q.dtype.type(1 / np.sqrt(HD))  # [B, NH, Tq, Tk]
     keys_first = np.moveaxis(scores, -1, 0).copy()  # [Tk, B, NH, Tq], contiguous
-    keys_first[mask.T == 0] = -np.inf  # padded keys, whole [NH, Tq] blocks
+    keys_first[mask.T <= 0] = -np.inf  # padded keys (mask > 0 is a real token), whole [NH, Tq] blocks
     p = softmax(keys_first, axis=0)  # [Tk, B, NH, Tq]
     return np.moveaxis(p, 0, -1) @ v  # [B, NH, Tq, Tk] @ [B, NH, Tk, HD]
