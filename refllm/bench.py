@@ -632,19 +632,14 @@ EMBED_FACTORIES = {
     REFLLM: lambda model_dir, threads: RefllmEmbedder(model_dir),
     SENTENCE_TRANSFORMERS: lambda model_dir, threads: SentenceTransformersEmbedder(model_dir, threads),
 }
+FACTORIES = {"llm": LLM_FACTORIES, "embed": EMBED_FACTORIES}  # kind -> its engines' factories
 
 
-def llm_engines(model_dir, engines, threads: int, isolate: bool = False):
-    """[(name, engine or None, skip reason)] for the decoder engines asked for; with
-    `isolate`, each engine is an `EngineProcess` (loaded and timed in its own process)."""
-    return _engines("llm", LLM_FACTORIES, model_dir, engines, threads, isolate)
-
-
-def embed_engines(model_dir, engines, threads: int, isolate: bool = False):
-    return _engines("embed", EMBED_FACTORIES, model_dir, engines, threads, isolate)
-
-
-def _engines(kind, factories, model_dir, engines, threads, isolate):
+def load_engines(kind: str, model_dir, engines, threads: int, isolate: bool = False):
+    """[(name, engine or None, skip reason)] for the engines of `kind` ("llm" or
+    "embed") asked for; with `isolate`, each is an `EngineProcess` (loaded and timed in
+    a process of its own)."""
+    factories = FACTORIES[kind]
     if isolate:
         return [(name, *EngineProcess.start(kind, name, model_dir, threads)) for name in engines if name in factories]
     return [(name, *load_peer(name, lambda f=factories[name]: f(model_dir, threads)))
@@ -688,11 +683,10 @@ class EngineProcess:
         try:
             skipped = parent.recv()  # None once the engine is loaded
         except EOFError:  # it died before it could say why (a crash in native code)
-            process.join(5)
-            skipped = f"failed to load: its process exited with code {process.exitcode}"
+            skipped = ""  # no reason given: its exit code is the reason, below
         if skipped is not None:
             process.join(5)
-            return None, skipped
+            return None, skipped or f"failed to load: its process exited with code {process.exitcode}"
         return cls(process, parent), None
 
     def time(self, task: str) -> float:
@@ -720,8 +714,7 @@ class EngineProcess:
 def _engine_process_main(conn, kind: str, name: str, model_dir: str, threads: int) -> None:
     """The child's loop: load the engine, say so (None, or the reason it is skipped),
     then answer each task name with (True, seconds) or (False, the error) until None."""
-    factories = LLM_FACTORIES if kind == "llm" else EMBED_FACTORIES
-    engine, skipped = load_peer(name, lambda: factories[name](model_dir, threads))
+    engine, skipped = load_peer(name, lambda: FACTORIES[kind][name](model_dir, threads))
     conn.send(skipped)
     if engine is None:
         return
@@ -769,7 +762,7 @@ def run(llama_dir=None, minilm_dir=None, *, rounds: int = 5, engines=ALL_ENGINES
             config, PROMPT_TOKENS, DECODE_TOKENS)
     if llama_dir is not None and ({"prefill", "decode"} & set(tasks)):
         log("# loading the decoders ...")
-        loaded = llm_engines(llama_dir, engines, threads, isolate)
+        loaded = load_engines("llm", llama_dir, engines, threads, isolate)
         try:
             _measure_interleaved(_jobs(loaded, [t for t in ("prefill", "decode") if t in tasks], prompt_ids(llama_dir)),
                                  rounds, report, log, probe={"decode": probe})
@@ -784,7 +777,7 @@ def run(llama_dir=None, minilm_dir=None, *, rounds: int = 5, engines=ALL_ENGINES
 
     if minilm_dir is not None and "embed" in tasks:
         log("# loading the embedders ...")
-        loaded = embed_engines(minilm_dir, engines, threads, isolate)
+        loaded = load_engines("embed", minilm_dir, engines, threads, isolate)
         try:
             _measure_interleaved(_jobs(loaded, ["embed b1", f"embed b{EMBED_BATCH}"]), rounds, report, log)
         finally:

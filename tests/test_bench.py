@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -103,7 +104,7 @@ def test_engine_process_times_rounds_and_survives_a_bad_request(tmp_path):
     engine, skipped = bench.EngineProcess.start("llm", bench.REFLLM, d, 1)
     assert skipped is None
     try:
-        assert engine.process.pid != __import__("os").getpid() and engine.process.is_alive()
+        assert engine.process.pid != os.getpid() and engine.process.is_alive()
         with pytest.raises(RuntimeError, match="unknown task 'embed'"):
             engine.time("embed")
         assert engine.time("decode") > 0 and engine.time("prefill") > 0  # still serving
