@@ -16,10 +16,11 @@ from tests.tiny_models import make_tiny_llm
 
 def test_permute_for_gguf_is_the_inverse_of_unpermute():
     from refllm.weights.gguf_to_hf import unpermute
+    from refllm.weights.hf_to_gguf import permute_for_gguf
 
     w = np.arange(3 * 8 * 5, dtype=np.float32).reshape(3 * 8, 5)  # 3 heads of 8 rows
-    assert not np.array_equal(bench.permute_for_gguf(w, 3), w)
-    np.testing.assert_array_equal(unpermute(bench.permute_for_gguf(w, 3), 3), w)
+    assert not np.array_equal(permute_for_gguf(w, 3), w)
+    np.testing.assert_array_equal(unpermute(permute_for_gguf(w, 3), 3), w)
 
 
 def test_f32_gguf_round_trips_through_the_converter(tmp_path):
@@ -30,9 +31,10 @@ def test_f32_gguf_round_trips_through_the_converter(tmp_path):
 
     from refllm.checkpoint import load_checkpoint
     from refllm.weights.gguf_to_hf import convert
+    from refllm.weights.hf_to_gguf import write_f32_gguf
 
     src = make_tiny_llm(tmp_path / "models")
-    path = bench.write_f32_gguf(src, tmp_path / "tiny-f32.gguf")
+    path = write_f32_gguf(src, tmp_path / "tiny-f32.gguf")
     out = tmp_path / "back"
     out.mkdir()
     convert(path, out)
