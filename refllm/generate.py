@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -110,8 +111,10 @@ def validate_params(params: InferencingParams) -> None:
         value = getattr(params, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**32:
             raise InvalidInputError(f"{name} must be an integer in [0, 2^32), got {value!r}")
-    if params.repeat_penalty <= 0:
-        raise InvalidInputError(f"repeat_penalty must be > 0, got {params.repeat_penalty!r}")
+    with np.errstate(over="ignore"):  # 1e39 becomes inf: a valid (if extreme) penalty
+        as_float32 = np.float32(params.repeat_penalty)
+    if not as_float32 > 0:  # SPEC 2.2: the float32 it becomes (5e-324 is 0 there)
+        raise InvalidInputError(f"repeat_penalty must be > 0 as a float32, got {params.repeat_penalty!r}")
     if params.top_k == 0:
         raise InvalidInputError("top_k must be > 0, got 0")
 
@@ -195,14 +198,20 @@ class Generation:
         self._text = ""  # decoded text of the tokens so far (up to a stop string)
         self._emitted = 0  # characters of _text already yielded
         self._done = False
+        # perf_counter() when iteration began, when the first token was sampled (the prompt
+        # prefilled) and when it ended: the CLI's --verbose tokens/s
+        self.started_at = self.first_token_at = self.finished_at = None
 
     def __iter__(self) -> Iterator[str]:
         if self._done:
             return
         params = self.params
         rng = sampling.make_rng(self.seed)
+        self.started_at = time.perf_counter()
         hold = max((len(s) for s in self.stop), default=1) - 1  # chars a stop string could still claim
         for step in generate_steps(self.llm, self.prompt_ids, params, rng):
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
             self.steps.append(step)
             self.tokens.append(step.token)
             text = self.llm.decode(self.tokens)
@@ -227,6 +236,7 @@ class Generation:
         if len(self._text) > self._emitted:
             yield self._text[self._emitted :]
             self._emitted = len(self._text)
+        self.finished_at = time.perf_counter()
         self._done = True
 
     def _find_stop(self, text: str) -> int | None:

@@ -6,8 +6,10 @@ with its BOS, then the generated tokens), the `InferencingParams` and a uniform 
 
     1. apply_repeat_penalty       each distinct id t of ids[-last_n:] once:
                                   z[t] / rp if z[t] >= 0 else z[t] * rp        float32
+                                  then z clipped to [-FLT32_MAX, FLT32_MAX]
     2. greedy                     temperature <= 0: argmax(z), ties -> highest id
-    3. softmax_with_temperature   p = softmax(float64(z) / temperature)       float64
+    3. softmax_with_temperature   x = (float64(z) - max) / temperature;
+                                  p = exp(x) / sum(exp(x))                     float64
     4. top_k_candidates           all ids by descending p (stable: ties, lower id
                                   first); the first top_k kept, NOT renormalised
     5. top_p_filter               if 0 < top_p < sum(kept): keep a candidate while
@@ -51,6 +53,12 @@ What refllm changes, on purpose
   ``u`` comes from ``make_rng(seed).random()``, i.e.
   ``numpy.random.Generator(PCG64(seed))``, one draw per *sampled* token; the greedy
   path consumes none (`needs_draw`). `Sampler` bundles the two for a generation loop.
+* No NaN, no infinity (SPEC version 2). A tiny penalty can overflow ``z[t] / rp`` to
+  infinity, and a tiny temperature ``z / T``; then ``inf - inf`` made NaN
+  probabilities (and an IndexError in the top-p walk). Step 1 clips the penalised
+  logits to the largest finite float32, and step 3 subtracts the maximum *before*
+  dividing, so the largest logit becomes exactly 0 and a temperature of 1e-300 gives
+  it probability 1 (shared equally by ties). Both are no-ops on ordinary values.
 * Edge rules are written once, for every k: top-p filters only when
   ``0 < top_p < s`` (so ``top_p <= 0`` and ``top_p >= s`` keep everything). Candle
   makes that test only when k < V; with k >= V its walk runs regardless, which for
@@ -74,6 +82,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from refllm.types import InferencingParams
+
+FLT32_MAX = np.float32(np.finfo(np.float32).max)  # the clip of step 1
 
 __all__ = [
     "apply_repeat_penalty",
@@ -100,24 +110,29 @@ def apply_repeat_penalty(  # [V], ids, (), () -> [V] float32
     ``z[t] / penalty`` where ``z[t] >= 0``, else ``z[t] * penalty``: a penalty above 1
     pulls the logit towards zero from above and pushes it away from zero below, so
     the token always becomes less likely; a penalty below 1 does the opposite.
-    A no-op when ``penalty == 1.0`` or ``last_n == 0``. Returns a new float32 array;
-    the caller's array is never modified.
+    A no-op when ``penalty == 1.0`` or ``last_n == 0``. Otherwise the result is then
+    clipped to ``[-FLT32_MAX, FLT32_MAX]`` (SPEC 3, version 2): a penalty of 1e-40
+    turns ``z[t] / rp`` into infinity, which becomes the largest finite float32.
+    ``penalty`` is used as the float32 it becomes; generation validates that it is
+    still > 0 there. Returns a new float32 array; the caller's array is never modified.
     """
     z = np.array(logits, dtype=np.float32)  # [V] a copy, always
     if z.ndim != 1:
         raise ValueError(f"logits must be 1-D [V], got shape {z.shape}")
-    if not (np.isfinite(penalty) and penalty > 0):
-        raise ValueError(f"repeat penalty must be a finite number > 0, got {penalty!r}")
+    with np.errstate(over="ignore"):
+        rp = np.float32(penalty)  # () 1e39 -> inf (valid: the clip keeps z finite), 1e-46 -> 0 (invalid)
+    if not (np.isfinite(penalty) and penalty > 0 and rp > 0):
+        raise ValueError(f"repeat penalty must be a finite number > 0 (also as a float32), got {penalty!r}")
     if last_n < 0:
         raise ValueError(f"last_n must be >= 0, got {last_n!r}")
     ids = as_ids(ids, len(z))  # [n] int64, each in [0, V)
     if penalty == 1.0 or last_n == 0 or len(ids) == 0:
         return z
     window = np.unique(ids[-last_n:])  # [<= last_n] distinct ids, prompt included
-    rp = np.float32(penalty)
-    zw = z[window]  # [n_distinct] float32
-    z[window] = np.where(zw >= 0, zw / rp, zw * rp)  # float32 / float32 -> float32
-    return z
+    with np.errstate(over="ignore", invalid="ignore"):  # the branch np.where discards may be 0 * inf
+        zw = z[window]  # [n_distinct] float32
+        z[window] = np.where(zw >= 0, zw / rp, zw * rp)  # float32 / float32 -> float32, may overflow
+    return np.clip(z, -FLT32_MAX, FLT32_MAX, out=z)  # [V] an overflow is the largest finite value
 
 
 def as_ids(ids: Sequence[int], vocab_size: int) -> np.ndarray:  # ids -> [n] int64
@@ -147,11 +162,20 @@ def greedy(logits: np.ndarray) -> int:  # [V] -> ()
 
 
 def softmax_with_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:  # [V] -> [V] float64
-    """Step 3: ``p = softmax(float64(z) / float64(temperature))``, in float64."""
+    """Step 3: ``x = (float64(z) - max(float64(z))) / float64(temperature)``,
+    ``p = exp(x) / sum(exp(x))``, in float64.
+
+    The shift comes before the division (SPEC 3, version 2): dividing first, a
+    temperature of 1e-300 sends every positive logit to infinity and ``x - max(x)``
+    to NaN. Shifted first, the largest logit is exactly 0 whatever the temperature,
+    the others are <= 0 (-inf at worst), and exp() of them is in [0, 1].
+    """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 on the sampling path, got {temperature!r}")
-    x = np.asarray(logits, dtype=np.float64) / np.float64(temperature)  # [V]
-    e = np.exp(x - np.max(x))  # [V] in [0, 1], the maximum is exactly 1
+    z = np.asarray(logits, dtype=np.float64)  # [V]
+    with np.errstate(over="ignore"):  # (z - max) / 1e-300 may be -inf: exp(-inf) = 0
+        x = (z - np.max(z)) / np.float64(temperature)  # [V] <= 0, the maximum exactly 0
+    e = np.exp(x)  # [V] in [0, 1], the maximum is exactly 1
     return e / np.sum(e)  # [V]
 
 

@@ -32,6 +32,7 @@ from refllm.sampling import (
 from refllm.types import InferencingParams
 
 f32 = np.float32
+FLT32_MAX = f32(np.finfo(np.float32).max)
 
 
 def params(**kw) -> InferencingParams:
@@ -50,7 +51,7 @@ def below(x: float) -> float:
 
 
 def reference_sample_token(logits, ids, p: InferencingParams, u):
-    """SPEC 3, line by line, as loops over Python lists (no vectorisation to trust).
+    """SPEC 3 (version 2), line by line, as loops over Python lists (no vectorisation to trust).
 
     Step 3 is a formula rather than a walk, so it is written with the same NumPy
     expression as SPEC's (a sum in another order could move p by an ulp and make the
@@ -60,12 +61,15 @@ def reference_sample_token(logits, ids, p: InferencingParams, u):
     """
     z = [f32(v) for v in logits]  # float32, as step 1 prescribes
     V = len(z)
-    rp, last_n = f32(p.repeat_penalty), p.repeat_penalty_last_n_token_count
+    with np.errstate(over="ignore"):
+        rp, last_n = f32(p.repeat_penalty), p.repeat_penalty_last_n_token_count
     # 1. repeat penalty
     if p.repeat_penalty != 1.0 and last_n > 0:
         window = list(ids)[-last_n:]
-        for t in set(window):
-            z[t] = z[t] / rp if z[t] >= 0 else z[t] * rp
+        with np.errstate(over="ignore"):
+            for t in set(window):
+                z[t] = z[t] / rp if z[t] >= 0 else z[t] * rp
+        z = [min(max(v, -FLT32_MAX), FLT32_MAX) for v in z]  # clip: an overflow is the largest finite value
     # 2. greedy: argmax, ties -> the highest id
     if p.temperature <= 0:
         best = 0
@@ -74,8 +78,10 @@ def reference_sample_token(logits, ids, p: InferencingParams, u):
                 best = i
         return best
     # 3. temperature, float64
-    x = np.array(z, dtype=np.float64) / np.float64(p.temperature)
-    e = np.exp(x - np.max(x))
+    z64 = np.array(z, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        x = (z64 - np.max(z64)) / np.float64(p.temperature)  # shift, then divide
+    e = np.exp(x)
     prob = [float(q) for q in e / np.sum(e)]
     # 4. top-k: descending p, ties lower id first
     candidates = sorted(range(V), key=lambda i: (-prob[i], i))
@@ -531,6 +537,74 @@ def test_sample_token_equals_the_spec_loop(case):
     assert sample_token(logits, ids, p, u) == tok  # the same u, the same token
     assert 0 <= tok < len(logits)
     np.testing.assert_array_equal(logits, before)
+
+
+# --------------------------------------------------------------------------- property: extreme values (D1)
+
+# Issue 14, D1: a temperature of 1e-307 or a penalty of 5e-324 made NaN probabilities
+# and an IndexError in the top-p walk. Whatever validation lets through must give a
+# valid token, the one SPEC 3 (version 2) gives.
+extreme = st.sampled_from([5e-324, 1e-320, 1e-307, 1e-300, 1e-46, 1e-45, 1e-40, 1e-38, 1e-20, 1e-6,
+                           0.5, 1.0, 2.0, 1e6, 1e20, 1e38, 3.4e38, 1e39, 1e300, 1.7e308])
+
+
+@st.composite
+def extreme_cases(draw_):
+    V = draw_(st.integers(1, 12))
+    big = st.sampled_from([0.0, -0.0, 1.0, -1.0, 3e38, -3e38, float(FLT32_MAX), -float(FLT32_MAX), 1e-30, -1e-30])
+    logits = np.array(draw_(st.lists(st.one_of(big, st.floats(float(f32(-3e38)), float(f32(3e38)), width=32)), min_size=V, max_size=V)),
+                      dtype=np.float32)
+    ids = draw_(st.lists(st.integers(0, V - 1), max_size=10))
+    p = InferencingParams(
+        max_tokens=1,
+        repeat_penalty=draw_(st.one_of(extreme, st.floats(min_value=0.0, exclude_min=True, allow_infinity=False))),
+        repeat_penalty_last_n_token_count=draw_(st.sampled_from([0, 1, 5, 2**32 - 1])),
+        temperature=draw_(st.one_of(extreme, st.sampled_from([0.0, -1.0]),
+                                    st.floats(min_value=0.0, exclude_min=True, allow_infinity=False))),
+        top_k=draw_(st.sampled_from([1, 2, V, 2**32 - 1])),
+        top_p=draw_(st.one_of(st.sampled_from([5e-324, 1e-300, 0.5, 1.0, 1e300]), st.floats(0.0, 1.0))),
+    )
+    u = draw_(st.one_of(st.sampled_from([0.0, 0.5, below(1.0)]), st.floats(0.0, 1.0, exclude_max=True)))
+    return logits, ids, p, u
+
+
+@settings(max_examples=400, deadline=None)
+@given(extreme_cases())
+def test_sample_token_never_fails_on_what_validation_lets_through(case):
+    from refllm.errors import InvalidInputError
+    from refllm.generate import validate_params
+
+    logits, ids, p, u = case
+    try:
+        validate_params(p)
+    except InvalidInputError:
+        assert not f32(p.repeat_penalty) > 0  # only a penalty that is 0 as a float32 is refused here
+        return
+    tok = sample_token(logits, ids, p, u)
+    assert 0 <= tok < len(logits)
+    assert tok == reference_sample_token(logits, ids, p, u)
+
+
+@pytest.mark.parametrize("temperature, penalty", [(1e-307, 1.0), (5e-324, 1.0), (1.0, 1e-40), (1e-300, 1e-40)])
+def test_tiny_temperature_or_penalty_picks_the_top_logit(temperature, penalty):
+    """D1's requests: p = 1 on the largest (penalised) logit, so every u draws it."""
+    logits = np.array([0.5, 3.0, -2.0, 2.9], dtype=np.float32)
+    p = params(temperature=temperature, repeat_penalty=penalty, top_p=0.9)
+    ids = [0] if penalty != 1.0 else []  # 0.5 / 1e-40 overflows: clipped to FLT32_MAX, the largest
+    want = 0 if penalty != 1.0 else 1
+    assert {sample_token(logits, ids, p, u) for u in (0.0, 0.5, below(1.0))} == {want}
+    q = softmax_with_temperature(apply_repeat_penalty(logits, ids, penalty, 64), temperature)
+    assert np.isfinite(q).all() and q[want] == 1.0
+
+
+def test_a_penalty_that_is_zero_as_a_float32_is_invalid_input():
+    from refllm.errors import InvalidInputError
+    from refllm.generate import validate_params
+
+    with pytest.raises(InvalidInputError, match="repeat_penalty"):
+        validate_params(params(repeat_penalty=5e-324))
+    validate_params(params(repeat_penalty=1e-45))  # the smallest float32 subnormal: valid
+    validate_params(params(repeat_penalty=1e39))  # inf as a float32: valid, the clip keeps z finite
 
 
 # --------------------------------------------------------------------------- randomness
