@@ -115,10 +115,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import SPEC_VERSION, __version__, api, engine, registry, sampling
-from .errors import LLMError
-from .generate import Generation
-from .types import InferencingParams
+from .. import SPEC_VERSION, __version__, api, engine, registry, sampling
+from ..errors import LLMError
+from ..generate import Generation
+from ..types import InferencingParams
 
 FORMAT = "refllm-golden"
 FORMAT_VERSION = 1
@@ -567,7 +567,7 @@ def builtin_key(models_root=None, cases: Iterable[str] | None = None) -> str:
     root = registry.models_root(models_root)
     shas = {name: model_files(path) for name, (kind, path) in
             _model_dirs(root, sorted({s.model for s in specs})).items()}
-    here = Path(__file__).parent
+    here = Path(__file__).parent.parent
     code = {m: hashlib.sha256((here / m).read_bytes()).hexdigest() for m in COMPUTE_MODULES if (here / m).is_file()}
     blob = _dumps({"format_version": FORMAT_VERSION, "suite_version": SUITE_VERSION, "refllm": __version__,
                    "spec": SPEC_VERSION, "cases": [repr(s) for s in specs], "models": shas, "code": code})
