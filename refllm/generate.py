@@ -147,25 +147,64 @@ def decode_one(model, token: int, cache):  # () -> [V]
     return model.decode(token, cache)
 
 
+class Decoding:
+    """One sequence between model calls: `generate_steps`, a step at a time.
+
+        seq = Decoding(llm, prompt_ids, params, rng)
+        logits = seq.prefill()                    # [V], the cache now holds the prompt
+        step = seq.sample(logits)                 # a Step; seq.done after the last one
+        logits = decode_one(llm.model, step.token, seq.cache)   # ... or one row of a batch
+
+    `generate_steps` drives one alone; a scheduler drives many and runs their decode
+    steps together (`refllm.serve.scheduler`). The sampling state (the ids so far, the
+    draws of `rng`) lives here, so both give the same tokens.
+    """
+
+    def __init__(self, llm: LoadedLLM, prompt_ids: Sequence[int], params: InferencingParams, rng):
+        self.llm, self.params, self.rng = llm, params, rng
+        self.ids = list(prompt_ids)  # the prompt, then every sampled token
+        self.cache = None  # made by prefill
+        self.sampled = 0
+        self.done = params.max_tokens == 0
+
+    def prefill(self):  # -> [V]
+        """Make the cache and run the prompt; the logits of its last position."""
+        self.cache = self.llm.model.new_cache(min(self.llm.context_length, len(self.ids) + self.params.max_tokens))
+        return prefill(self.llm.model, self.ids, self.cache)
+
+    def sample(self, logits) -> Step:
+        """The next token, sampled from `logits` [V]; `done` once a stop condition holds
+        (an EOS, max_tokens sampled, the context full). One draw of `rng` is consumed
+        per token on the sampling path, none when greedy."""
+        logits = np.asarray(logits, dtype=np.float32)  # [V]
+        u = self.rng.random() if sampling.needs_draw(self.params) else None
+        token = sampling.sample_token(logits, self.ids, self.params, u)
+        self.ids.append(token)
+        self.sampled += 1
+        self.done = (token in self.llm.eos_token_ids or self.sampled == self.params.max_tokens
+                     or len(self.ids) >= self.llm.context_length)
+        return Step(token, u, logits)
+
+
 def generate_steps(llm: LoadedLLM, prompt_ids: Sequence[int], params: InferencingParams, rng) -> Iterator[Step]:
     """Sample up to max_tokens tokens; stop after an EOS or when the context is full.
 
     One draw of `rng` is consumed per token on the sampling path, none when greedy.
     """
-    ids = list(prompt_ids)
-    if params.max_tokens == 0:
+    return decode_steps(Decoding(llm, prompt_ids, params, rng))
+
+
+def decode_steps(seq: Decoding) -> Iterator[Step]:
+    """`seq`'s steps, each model call made alone."""
+    if seq.done:
         return
-    cache = llm.model.new_cache(min(llm.context_length, len(ids) + params.max_tokens))
-    logits = prefill(llm.model, ids, cache)
-    for n in range(params.max_tokens):
-        logits = np.asarray(logits, dtype=np.float32)
-        u = rng.random() if sampling.needs_draw(params) else None
-        token = sampling.sample_token(logits, ids, params, u)
-        ids.append(token)
-        yield Step(token, u, logits)
-        if token in llm.eos_token_ids or n + 1 == params.max_tokens or len(ids) >= llm.context_length:
+    logits = seq.prefill()
+    while True:
+        step = seq.sample(logits)
+        yield step
+        if seq.done:
             return
-        logits = decode_one(llm.model, token, cache)
+        logits = decode_one(seq.llm.model, step.token, seq.cache)
 
 
 class Generation:
@@ -205,39 +244,57 @@ class Generation:
     def __iter__(self) -> Iterator[str]:
         if self._done:
             return
-        params = self.params
-        rng = sampling.make_rng(self.seed)
-        self.started_at = time.perf_counter()
-        hold = max((len(s) for s in self.stop), default=1) - 1  # chars a stop string could still claim
-        for step in generate_steps(self.llm, self.prompt_ids, params, rng):
-            if self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
-            self.steps.append(step)
-            self.tokens.append(step.token)
-            text = self.llm.decode(self.tokens)
-            if step.token in self.llm.eos_token_ids:
-                self.finish_reason = "eos"
-            cut = self._find_stop(text)
-            if cut is not None:
-                self._text, self.finish_reason = text[:cut], "stop"
+        for step in decode_steps(self.decoding()):
+            piece = self.accept(step)
+            if piece:
+                yield piece
+            if self.finish_reason == "stop":
                 break
-            self._text = text
-            if text.endswith("\ufffd"):  # a partial UTF-8 character: wait for its other bytes
-                continue
-            safe = len(text) - hold
-            if safe > self._emitted:
-                yield text[self._emitted : safe]
-                self._emitted = safe
+        tail = self.finish()
+        if tail:
+            yield tail
+
+    # `__iter__` in two halves, for a scheduler that samples the steps itself from
+    # `decoding()`: `accept` each step, then `finish` once the decoding is done or a
+    # stop string was found (finish_reason "stop").
+
+    def decoding(self) -> Decoding:
+        """This generation's loop, a step at a time, with its seeded generator."""
+        if self.started_at is None:
+            self.started_at = time.perf_counter()
+        return Decoding(self.llm, self.prompt_ids, self.params, sampling.make_rng(self.seed))
+
+    def accept(self, step: Step) -> str:
+        """Take one sampled step; the text it releases ("" while some is held back)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.steps.append(step)
+        self.tokens.append(step.token)
+        text = self.llm.decode(self.tokens)
+        if step.token in self.llm.eos_token_ids:
+            self.finish_reason = "eos"
+        cut = self._find_stop(text)
+        if cut is not None:
+            self._text, self.finish_reason = text[:cut], "stop"
+            return ""
+        self._text = text
+        if text.endswith("\ufffd"):  # a partial UTF-8 character: wait for its other bytes
+            return ""
+        hold = max((len(s) for s in self.stop), default=1) - 1  # chars a stop string could still claim
+        safe = len(text) - hold
+        if safe <= self._emitted:
+            return ""
+        piece, self._emitted = text[self._emitted : safe], safe
+        return piece
+
+    def finish(self) -> str:
+        """End the generation: its finish reason, and the text still held back."""
         if self.finish_reason is None:
-            if len(self.tokens) >= params.max_tokens:
-                self.finish_reason = "length"
-            else:
-                self.finish_reason = "context"
-        if len(self._text) > self._emitted:
-            yield self._text[self._emitted :]
-            self._emitted = len(self._text)
+            self.finish_reason = "length" if len(self.tokens) >= self.params.max_tokens else "context"
+        tail, self._emitted = self._text[self._emitted :], len(self._text)
         self.finished_at = time.perf_counter()
         self._done = True
+        return tail
 
     def _find_stop(self, text: str) -> int | None:
         hits = [(i, s) for s in self.stop if (i := text.find(s)) >= 0]
