@@ -211,8 +211,9 @@ def causal_attention(q, k, v, start_pos):  # [T, NH, HD], [S, NKV, HD], [S, NKV,
     A prompt (T > 1): the G query heads of a key/value head and the T positions are the
     rows of one matrix, so each key/value head is one [T*G, HD] x [HD, S] product. A
     decode step (T = 1): each query head is a matrix-vector product with its head's
-    keys, and its probabilities one with the values (BLAS gemv: less fixed cost per
-    call than a gemm with 1..G rows); every reshape is then a view.
+    keys 0 .. start_pos (a slice, not a mask), and its probabilities one with the values
+    (BLAS gemv: less fixed cost per call than a gemm with 1..G rows); every reshape is
+    then a view.
     """
     T, NH, HD = q.shape
     S, NKV, _ = k.shape
@@ -220,6 +221,7 @@ def causal_attention(q, k, v, start_pos):  # [T, NH, HD], [S, NKV, HD], [S, NKV,
     scale = q.dtype.type(1 / math.sqrt(HD))
     kh, vh = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [NKV, S, HD] x2, views of the cache
     if T == 1:
+        kh, vh = kh[:, : start_pos + 1], vh[:, : start_pos + 1]  # [NKV, start_pos+1, HD] x2: the keys it may see
         qg = q.reshape(NKV, G, HD, 1)  # [NKV, G, HD, 1]
         scores = (kh[:, None] @ qg)[..., 0]  # [NKV, G, S]
         scores *= scale
