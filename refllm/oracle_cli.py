@@ -3,8 +3,9 @@
     refllm golden --out DIR [--case NAME ...] [--quick] [--list] [--models-dir D]
     refllm trace PROMPT [--model M] [--max-tokens N] [WIT params] [--seed S] [--top N] [--json]
     refllm conform --against URL [--dialect spin|tgi|openai] [--golden DIR] [--token T]
-                   [--report FILE] [--profile spec|spin|hf|llama.cpp] [--case NAME ...]
-                   [--quick] [--sampled strict|info|skip] [--models-dir D]
+                   [--report FILE] [--profile spec|spin|hf|llama.cpp] [--backend NAME]
+                   [--case NAME ...] [--skip KIND ...] [--quick] [--sampled strict|stats|info|skip]
+                   [--stats-n N] [--models-dir D]
 
     from refllm import oracle_cli
     oracle_cli.register(subparsers)        # adds the three subcommands; each parser gets
@@ -73,8 +74,16 @@ def register(subparsers) -> None:
                    help="the behaviour the backend claims (default: spec)")
     p.add_argument("--case", action="append", metavar="NAME", help="only this case (repeatable)")
     p.add_argument("--quick", action="store_true", help="the quick subset of the built-in set")
-    p.add_argument("--sampled", choices=["strict", "info", "skip"],
-                   help="how sampled cases count (default: strict for the spec profile, else info)")
+    p.add_argument("--backend", choices=["refllm", "llama-cpp-python", "llama-server", "tgi", "vllm", "openai"],
+                   help="the engine behind the URL: its parameter names, defaults, EOS counting, penalty window and "
+                        "known behaviours (default: the one the profile names for the dialect)")
+    p.add_argument("--skip", action="append", choices=["embed", "error", "sampled", "greedy"], default=[],
+                   metavar="KIND", help="leave out a kind of case: embed, error, sampled, greedy (repeatable)")
+    p.add_argument("--sampled", choices=["strict", "stats", "info", "skip"],
+                   help="how sampled cases count: strict (token by token, SPEC 3's u; the spec profile's default), "
+                        "stats (a G-test over N seeds; the other profiles' default), info, skip")
+    p.add_argument("--stats-n", type=int, metavar="N", help="generations per sampled case for the statistical check "
+                                                            "(default: chosen for power, see refllm.conform.stats)")
     p.add_argument("--models-dir", help="models root for building the built-in golden set")
     p.add_argument("--llm-model", help="the name the backend knows the golden decoder by")
     p.add_argument("--embedding-model", help="the name the backend knows the golden encoder by")
@@ -126,7 +135,8 @@ def cmd_conform(args) -> int:
         model_map[golden.EMBEDDER] = args.embedding_model
     return conform(args.against, args.dialect, golden_dir, token=args.token, profile=args.profile,
                    report=args.report, cases=args.case, models_root=args.models_dir, sampled=args.sampled,
-                   timeout=args.timeout, model_map=model_map, progress=not args.quiet, out=sys.stdout)
+                   timeout=args.timeout, model_map=model_map, progress=not args.quiet, out=sys.stdout,
+                   backend=args.backend, skip=args.skip, stats_n=args.stats_n)
 
 
 COMMANDS = {"golden": cmd_golden, "trace": cmd_trace, "conform": cmd_conform}
