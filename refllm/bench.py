@@ -317,7 +317,9 @@ class RefllmLLM:
 
     def __init__(self, model_dir):
         from .llama import Llama
+        from .malloc import retain_freed_memory
 
+        retain_freed_memory()  # as refllm's CLI and server run the model (refllm.malloc)
         self.model = Llama.from_pretrained(model_dir, backend="numpy")
         self.cache = None
 
@@ -460,7 +462,9 @@ class RefllmEmbedder:
 
     def __init__(self, model_dir):
         from .embeddings import Embedder
+        from .malloc import retain_freed_memory
 
+        retain_freed_memory()  # as refllm's CLI and server run the model (refllm.malloc)
         self.embedder = Embedder.from_dir(model_dir, backend="numpy")
 
     def embed(self, texts):  # N texts -> [N, H]

@@ -49,7 +49,6 @@ from . import ops
 from .checkpoint import StrictLoader, load_checkpoint
 from .config import BertConfig
 from .errors import InvalidInputError
-from .malloc import retain_freed_memory
 
 BACKENDS = ("numpy", "triton")
 DTYPES = (np.float32, np.float64)
@@ -157,7 +156,6 @@ class Bert:
 
     def __init__(self, config: BertConfig, embeddings: BertEmbeddings, layers: list[BertLayer],
                  dtype=np.float32, backend: str = "numpy"):
-        retain_freed_memory()  # NumPy's temporaries reuse freed memory, no page faults (refllm.malloc)
         self.config, self.embeddings, self.layers = config, embeddings, layers
         self.dtype = np.dtype(dtype)
         self.backend = backend

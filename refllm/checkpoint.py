@@ -9,9 +9,12 @@ elsewhere (the Llama fuses its projections) takes it with `StrictLoader.take(...
 which drops the mapped pages from the process once copied (`release_pages`), so the
 mapping and the copy are never both resident.
 
-NumPy has no bfloat16; a bfloat16 tensor is widened to float32 exactly, by putting its
-16 bits in the top half of a float32. A sharded checkpoint
-(`model.safetensors.index.json` + shards) reads as one dictionary.
+NumPy has no bfloat16; a bfloat16 tensor is read as a `BFloat16`, its raw 16-bit
+patterns left in the mapped file, and widened to float32 exactly (its 16 bits become the
+top half of a float32) only when a loader asks: `widen(src, out)` widens a float16 or
+bfloat16 tensor into a buffer of the model's dtype, so a half-precision checkpoint is
+never resident twice as it loads. A sharded checkpoint (`model.safetensors.index.json`
++ shards) reads as one dictionary.
 
 A model that lays its weights out anew (the Llama) copies them into a `WeightArena`:
 anonymous memory on 2 MiB pages, so that streaming the weights once per decoded token
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +37,80 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.u
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
+class BFloat16:
+    """A bfloat16 tensor, as its raw 16-bit patterns (a uint16 view of the mapped file).
+
+    bfloat16 is the top half of a float32: the same sign and 8 exponent bits, 7 of the 23
+    mantissa bits. Widening is exact: shift the 16 bits into the high half, zeros below.
+    It behaves enough like an array for the loaders: `shape`, `ndim`, `nbytes`, `size`,
+    indexing (a view, still bfloat16), `astype(dtype)` and `np.asarray` (widened copies).
+    """
+
+    __slots__ = ("bits",)
+
+    def __init__(self, bits: np.ndarray):
+        self.bits = bits  # uint16, the tensor's shape
+
+    shape = property(lambda self: self.bits.shape)
+    ndim = property(lambda self: self.bits.ndim)
+    size = property(lambda self: self.bits.size)
+    nbytes = property(lambda self: self.bits.nbytes)
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+    def __getitem__(self, index) -> "BFloat16":
+        return BFloat16(self.bits[index])
+
+    def reshape(self, *shape) -> "BFloat16":
+        return BFloat16(self.bits.reshape(*shape))
+
+    def __repr__(self) -> str:
+        return f"BFloat16(shape={list(self.shape)})"
+
+    def astype(self, dtype, copy: bool = True) -> np.ndarray:
+        """A widened copy in `dtype` (float32 is exact; float64 too)."""
+        out = np.empty(self.shape, dtype=dtype)
+        widen(self, out)
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.astype(dtype or np.float32)
+
+
+def widen(src, out: np.ndarray) -> np.ndarray:
+    """Copy a float16/bfloat16/float32 tensor into `out` (float32 or float64, same shape, any layout).
+
+    bfloat16 -> float32 is one pass: `bits << 16` written into `out` seen as uint32 (a
+    view of the same item size works for any strides). Anything else is NumPy's cast.
+    """
+    if not isinstance(src, BFloat16):
+        np.copyto(out, src)
+        return out
+    if out.dtype == np.float32 and sys.byteorder == "little":
+        np.left_shift(src.bits, 16, out=out.view(np.uint32), dtype=np.uint32)
+        return out
+    # float64 (or a big-endian host): through float32, in row blocks of ~4 MB.
+    rows = src.shape[0] if src.ndim else 1
+    src, dst = (src, out) if src.ndim else (src[None], out.reshape(1))
+    step = max(1, (1 << 20) // max(1, src.bits[:1].size))
+    for r in range(0, rows, step):
+        bits = src.bits[r : r + step].astype(np.uint32)
+        bits <<= 16
+        np.copyto(dst[r : r + step], bits.view(np.float32))
+    return out
+
+
+def is_half(t) -> bool:
+    """Is `t` a float16 or bfloat16 tensor (one that `widen` widens)?"""
+    return isinstance(t, BFloat16) or (isinstance(t, np.ndarray) and t.dtype == np.float16)
+
+
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Every tensor of one .safetensors file, as read-only arrays (bfloat16 -> float32)."""
+    """Every tensor of one .safetensors file, as read-only views of the mapped file.
+
+    float32, float16 and the integer types are NumPy arrays; a bfloat16 tensor is a
+    `BFloat16` over its bits (`np.asarray(t)` widens it to float32)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -56,9 +132,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         if end - start != count * dtype.itemsize or 8 + n + end > raw.size:
             raise LLMRuntimeError(f"{path}: tensor {name!r} {info['dtype']}{list(shape)} does not fit its data_offsets {[start, end]}")
         a = raw[8 + n + start : 8 + n + end].view(dtype).reshape(shape)
-        if info["dtype"] == "BF16":
-            a = (a.astype(np.uint32) << 16).view(np.float32)
-        tensors[name] = a
+        tensors[name] = BFloat16(a) if info["dtype"] == "BF16" else a
     return tensors
 
 
@@ -69,6 +143,8 @@ def release_pages(a: np.ndarray) -> None:
     (reading it again faults them back in, nothing is lost), but no longer count in this
     process's resident set. A no-op for an array that is not a view of a mapped file.
     """
+    if isinstance(a, BFloat16):
+        a = a.bits
     base = a
     while isinstance(base, np.ndarray):  # views -> the array over the whole mapping
         owner, base = base, base.base
@@ -158,8 +234,10 @@ class StrictLoader:
 
     `take(name, shape)` returns the tensor cast to the model's dtype (a view of the
     mapped file when no cast is needed); `take(name, shape, out=buffer)` copies it into
-    `buffer` instead and releases its mapped pages. `finish()` raises if any tensor of
-    the checkpoint was never taken (an unexpected key).
+    `buffer` instead and releases its mapped pages; `take(name, shape, stored=True)`
+    returns it as stored (a float16 view or a `BFloat16`), for a model that widens it
+    later. `finish()` raises if any tensor of the checkpoint was never taken (an
+    unexpected key).
     """
 
     def __init__(self, tensors: dict[str, np.ndarray], dtype, source: str, ignore_prefixes=()):
@@ -170,24 +248,32 @@ class StrictLoader:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
-    def take(self, name: str, shape: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
+    def take(self, name: str, shape: tuple[int, ...], out: np.ndarray | None = None, stored: bool = False):
         if name not in self.tensors:
             raise LLMRuntimeError(f"{self.source}: missing tensor {name!r} (expected shape {list(shape)})")
         t = self.tensors[name]
         if tuple(t.shape) != tuple(shape):
             raise LLMRuntimeError(f"{self.source}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
         self.taken.add(name)
+        if stored:
+            return t
         if out is not None:
             # Row blocks of ~16 MB, each released once copied: a big tensor (the embedding
             # matrix) is never resident twice, as its mapped pages and as the copy.
             src, dst = (t, out) if t.ndim else (t.reshape(1), out.reshape(1))
             step = max(1, (16 << 20) // max(1, src[:1].nbytes))  # rows per block
             for r in range(0, src.shape[0], step):
-                np.copyto(dst[r : r + step], src[r : r + step])  # cast to out's dtype on the way
+                widen(src[r : r + step], dst[r : r + step])  # cast to out's dtype on the way
                 release_pages(src[r : r + step])
             return out
         # float32 on disk and float32 wanted: keep the memory-mapped view (no copy).
-        return t if t.dtype == self.dtype else t.astype(self.dtype)
+        return t if isinstance(t, np.ndarray) and t.dtype == self.dtype else t.astype(self.dtype)
+
+    def stored_bytes(self, dtype=None) -> int:
+        """The bytes of every tensor as stored, or (with `dtype`) once converted to `dtype`."""
+        if dtype is None:
+            return sum(t.nbytes for t in self.tensors.values())
+        return sum(t.size for t in self.tensors.values()) * np.dtype(dtype).itemsize
 
     def finish(self) -> None:
         extra = sorted(k for k in self.tensors if k not in self.taken and not k.startswith(self.ignore_prefixes))

@@ -252,6 +252,9 @@ COMMANDS = {"pull": cmd_pull, "models": cmd_models, "infer": cmd_infer, "embed":
 
 def main(argv=None) -> int:
     from .errors import LLMError
+    from .malloc import retain_freed_memory
+
+    retain_freed_memory()  # a process-wide allocator setting: the application's call (refllm.malloc)
 
     args = build_parser().parse_args(argv)
     try:

@@ -44,7 +44,9 @@ class LoadedLLM:
     def from_dir(cls, model_dir, dtype=np.float32, backend: str | None = None, name: str | None = None) -> "LoadedLLM":
         from tokenizers import Tokenizer
 
-        model_dir = Path(model_dir)
+        from .weights.pull import local_model_dir
+
+        model_dir = local_model_dir(model_dir)  # a .gguf file: its converted directory
         model = Llama.from_pretrained(model_dir, dtype=dtype, backend=backend)
         try:
             tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))

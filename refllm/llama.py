@@ -33,7 +33,7 @@ from . import ops
 from .checkpoint import StrictLoader, WeightArena, load_checkpoint
 from .config import LlamaConfig
 from .errors import LLMRuntimeError
-from .malloc import retain_freed_memory
+from .half_weights import should_widen_on_use, widened_layers
 
 
 @dataclass
@@ -163,7 +163,6 @@ class Llama:
     backend = "numpy"
 
     def __init__(self, config: LlamaConfig, embed_tokens, layers: list[LlamaLayer], norm, lm_head, dtype=np.float32):
-        retain_freed_memory()  # NumPy's temporaries reuse freed memory, no page faults (refllm.malloc)
         self.config = config
         self.dtype = np.dtype(dtype)
         self.embed_tokens = embed_tokens  # [V, D]
@@ -177,12 +176,18 @@ class Llama:
     # ---------------------------------------------------------------- loading
 
     @classmethod
-    def from_pretrained(cls, model_dir, dtype=np.float32, backend: str | None = None):
+    def from_pretrained(cls, model_dir, dtype=np.float32, backend: str | None = None, widen_on_use: bool | None = None):
         """Load config.json and the safetensors weights of `model_dir`, strictly.
 
         Every tensor the architecture needs must be present with its shape; a tensor the
         architecture does not use is an error too. `backend` is chosen by
-        `refllm.backend.resolve_backend` ("numpy" here; "triton" on CUDA).
+        `refllm.backend.resolve_backend` ("numpy" here; "triton" on CUDA). `model_dir`
+        may also be a `.gguf` file, converted once (`refllm.weights.pull.local_model_dir`).
+
+        `widen_on_use`: keep bfloat16/float16 matrices in the mapped file and widen each
+        to `dtype` when a layer uses it (`refllm.half_weights`: a 7B model in 13.5 GB + ~1.5
+        GB instead of 27 GB, at ~3x the memory traffic a token). None chooses it when the
+        copy in `dtype` would not fit in the memory available.
         """
         from .backend import resolve_backend
 
@@ -190,19 +195,25 @@ class Llama:
             from .llama_triton import TritonLlama
 
             return TritonLlama.from_pretrained(model_dir, dtype=dtype)
-        model_dir = Path(model_dir)
+        from .weights.pull import local_model_dir
+
+        model_dir = local_model_dir(model_dir)
         try:
             config = LlamaConfig.from_file(model_dir / "config.json")
         except ValueError as e:
             raise LLMRuntimeError(f"{model_dir / 'config.json'}: {e}") from e
-        return cls.from_state_dict(config, load_checkpoint(model_dir), dtype=dtype, source=str(model_dir))
+        return cls.from_state_dict(config, load_checkpoint(model_dir), dtype=dtype, source=str(model_dir),
+                                   widen_on_use=widen_on_use)
 
     @classmethod
-    def from_state_dict(cls, config: LlamaConfig, tensors, dtype=np.float32, source="state dict"):
+    def from_state_dict(cls, config: LlamaConfig, tensors, dtype=np.float32, source="state dict",
+                        widen_on_use: bool | None = None):
         c = config
         D, F, V = c.hidden_size, c.intermediate_size, c.vocab_size
         NH, NKV, HD = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         w = StrictLoader(tensors, dtype, source, ignore_prefixes=("model.rotary_emb.",))
+        if widen_on_use is None:
+            widen_on_use = should_widen_on_use(w, dtype)
         arena = WeightArena()  # the matrices on huge pages (see WeightArena)
 
         def column_major(shape):  # an empty matrix for `w.take(..., out=)`, see LlamaLayer
@@ -213,8 +224,9 @@ class Llama:
 
         # Each tensor is copied into its place and its mapped pages released (StrictLoader
         # .take with out=), so loading never holds a weight twice.
-        layers = []
-        for i in range(c.num_hidden_layers):
+        # With widen_on_use the layers' matrices stay in the file (refllm.half_weights): no copies.
+        layers = widened_layers(w, c, dtype) if widen_on_use else []
+        for i in range(len(layers), c.num_hidden_layers):
             p = f"model.layers.{i}."
             qkv = column_major(((NH + 2 * NKV) * HD, D))  # [(NH+2*NKV)*HD, D]
             gate_up = column_major((2 * F, D))  # [2F, D]
@@ -235,10 +247,11 @@ class Llama:
             )
         # The head is a single-row product too; the embedding lookup then reads each row
         # with a stride (D scattered reads per token: negligible).
-        embed_tokens = w.take("model.embed_tokens.weight", (V, D), out=column_major((V, D)))  # [V, D]
+        embed_tokens = w.take("model.embed_tokens.weight", (V, D), out=None if widen_on_use else column_major((V, D)),
+                              stored=widen_on_use)  # [V, D]; looked up a row at a time, so with widen_on_use left mapped
         norm = w.take("model.norm.weight", (D,))
         if c.tie_word_embeddings and not w.has("lm_head.weight"):
-            lm_head = embed_tokens
+            lm_head = w.take("model.embed_tokens.weight", (V, D), out=column_major((V, D))) if widen_on_use else embed_tokens
         else:
             lm_head = w.take("lm_head.weight", (V, D), out=column_major((V, D)))  # [V, D]
         w.finish()
@@ -345,6 +358,6 @@ class Llama:
         return out.reshape(T, NH * HD) @ layer.o_proj.T  # [T, D]
 
     def mlp(self, layer: LlamaLayer, x):  # [T, D] -> [T, D]
-        F = layer.down_proj.shape[1]
+        F = self.config.intermediate_size
         gate_up = x @ layer.gate_up_proj.T  # [T, 2F]
         return (ops.silu(gate_up[:, :F]) * gate_up[:, F:]) @ layer.down_proj.T  # [T, D]

