@@ -1,6 +1,8 @@
 """The oracle's commands, for `refllm.cli` to mount: `golden`, `trace` and `conform`.
 
     refllm golden --out DIR [--case NAME ...] [--quick] [--list] [--models-dir D]
+    refllm golden --model PATH --suite FILE --out DIR [--name N] [--embedding-model PATH]
+                  [--threads N] [--ray [ADDRESS]] [--workers N] [--case NAME ...] [--list]
     refllm trace PROMPT [--model M] [--max-tokens N] [WIT params] [--seed S] [--top N] [--json]
     refllm conform --against URL [--dialect spin|tgi|openai] [--golden DIR] [--token T]
                    [--report FILE] [--profile spec|spin|hf|llama.cpp] [--backend NAME]
@@ -33,14 +35,31 @@ from .cli import _u64, add_param_flags, params_from_args  # noqa: E402  (the fla
 def register(subparsers) -> None:
     """Add `golden`, `trace` and `conform` to an argparse subparsers object."""
 
-    p = subparsers.add_parser("golden", help="write the golden set of the default models (float64 reference)",
-                              description="Run the built-in suite on the default models in float64 and write a "
-                                          "golden set (golden.jsonl, tokenizers/, FORMAT.md) into DIR.")
+    p = subparsers.add_parser("golden", help="write a golden set (float64 reference): the built-in suite, or yours "
+                                             "on your model",
+                              description="Run a suite in float64 and write a golden set (golden.jsonl, tokenizers/, "
+                                          "FORMAT.md) into DIR: the built-in suite on the default models, or with "
+                                          "--model and --suite your cases on your Llama-family checkpoint "
+                                          "(a safetensors directory, single or sharded, or a .gguf file).")
     p.add_argument("--out", metavar="DIR", help="directory to write into (required unless --list)")
+    p.add_argument("--model", metavar="PATH", help="a Llama-family safetensors directory or .gguf file (with --suite)")
+    p.add_argument("--suite", metavar="FILE", help="your cases, one JSON object a line (refllm/golden/SUITE.md)")
+    p.add_argument("--name", help="the name the set gives --model (default: its directory or file name); "
+                                  "the name a backend is asked for when the set is replayed")
+    p.add_argument("--embedding-model", metavar="PATH", help="a sentence-transformers directory for the suite's "
+                                                             "embedding cases")
+    p.add_argument("--embedding-name", help="the name the set gives --embedding-model (default: its directory name)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="BLAS threads per process (default: 1; the header records it: the same N, the same bytes)")
+    p.add_argument("--ray", nargs="?", const=True, metavar="ADDRESS",
+                   help="spread the cases over a Ray cluster (host:port, ray://host:10001 or auto; without "
+                        "ADDRESS: $RAY_ADDRESS, else a local cluster); the file is byte for byte the same")
+    p.add_argument("--workers", type=int, metavar="N", help="with --ray: actors, each holding the model (default: "
+                                                            "the cluster's CPUs / --threads)")
     p.add_argument("--models-dir", help="models root (default: $REFLLM_MODELS_DIR, ./.spin/ai-models, the cache)")
     p.add_argument("--case", action="append", metavar="NAME", help="only this case (repeatable)")
-    p.add_argument("--quick", action="store_true", help="only the quick subset the tests replay")
-    p.add_argument("--list", action="store_true", help="list the built-in cases and exit")
+    p.add_argument("--quick", action="store_true", help="only the quick subset the tests replay (built-in suite)")
+    p.add_argument("--list", action="store_true", help="list the cases (built-in, or of --suite) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(handler=cmd_golden)
 
@@ -96,14 +115,36 @@ def cmd_golden(args) -> int:
     from . import golden
     from .errors import InvalidInputError
 
-    if args.list:
-        for c in golden.BUILTIN:
-            print(f"{c.name:<30} {c.kind:<9} {'quick ' if c.quick else '      '}{c.description}")
-        return 0
-    if not args.out:
-        raise InvalidInputError("golden: --out DIR is required (or --list)")
-    cases = args.case or (list(golden.QUICK) if args.quick else None)
-    path = golden.write_golden(args.out, args.models_dir, cases=cases, progress=not args.quiet)
+    if bool(args.model) != bool(args.suite):
+        raise InvalidInputError("golden: --model PATH and --suite FILE go together (neither: the built-in suite)")
+    if args.threads < 1 or (args.workers is not None and args.workers < 1):
+        raise InvalidInputError("golden: --threads and --workers are at least 1")
+    if args.suite and args.quick:
+        raise InvalidInputError("golden: --quick picks from the built-in suite; with --suite, name cases with --case")
+    models = None
+    if args.model:
+        try:
+            models = golden.Models.from_paths(args.model, args.embedding_model, llm_name=args.name,
+                                              embedder_name=args.embedding_name)
+        except InvalidInputError as e:
+            raise InvalidInputError(f"golden: {e.message}") from None
+    elif args.embedding_model or args.name or args.embedding_name:
+        raise InvalidInputError("golden: --name, --embedding-model and --embedding-name go with --model and --suite")
+    try:
+        if args.list:
+            specs = golden.load_suite(args.suite, models.llm_name, models.embedder_name) if args.suite \
+                else golden.BUILTIN
+            for c in specs:
+                print(golden.describe(c))
+            return 0
+        if not args.out:
+            raise InvalidInputError("golden: --out DIR is required (or --list)")
+        cases = args.case or (list(golden.QUICK) if args.quick else None)
+        path = golden.write_golden(args.out, args.models_dir, cases=cases, suite=args.suite, models=models,
+                                   threads=args.threads, ray=args.ray, workers=args.workers,
+                                   progress=not args.quiet)
+    except (golden.SuiteError, golden.CaseError, ValueError) as e:
+        raise InvalidInputError(f"golden: {e}") from None
     print(path)
     return 0
 

@@ -31,12 +31,12 @@ from .reader import (FORMAT, FORMAT_DOC, FORMAT_VERSION, GOLDEN_FILE, PARAM_FIEL
                      encode_float, load_golden, params_from_json, params_to_json)
 from .record import COMPUTE_MODULES, TOP_N, CaseError, compute_digest, record, top_logits
 from .suite import (ALL, BUILTIN, EMBEDDER, LLM, QUICK, SUITE, SUITE_FORMAT_VERSION, SUITE_SCHEMA, SUITE_VERSION,
-                    CaseSpec, SuiteError, load_suite, select)
+                    CaseSpec, SuiteError, describe, load_suite, select)
 from .writer import RNG, build_header, write_golden
 
 __all__ = ["write_golden", "load_golden", "builtin_golden_dir", "Golden", "CaseSpec", "BUILTIN", "QUICK",
            "params_to_json", "params_from_json", "encode_float", "decode_float", "golden_cache_root", "select",
-           "load_suite", "SuiteError", "CaseError", "Models", "Source", "record", "build_header", "builtin_key",
+           "load_suite", "describe", "SuiteError", "CaseError", "Models", "Source", "record", "build_header", "builtin_key",
            "LLM", "EMBEDDER", "ALL", "TOP_N", "RNG", "FORMAT", "FORMAT_VERSION", "FORMAT_DOC", "GOLDEN_FILE",
            "PARAM_FIELDS", "SUITE", "SUITE_VERSION", "SUITE_FORMAT_VERSION", "SUITE_SCHEMA", "KEEP_CACHED",
            "COMPUTE_MODULES", "compute_digest", "sha256_file", "model_files", "manifest_sha256", "top_logits"]

@@ -87,8 +87,13 @@ def _common_prefix(a: str, b: str) -> int:
 
 
 def _prompt(spec: CaseSpec, llm) -> str:
-    """The case's prompt: given, or its chat messages rendered with the model's template."""
-    return llm.apply_chat_template(list(spec.messages)) if spec.messages is not None else spec.prompt
+    """The case's prompt: given, or its chat messages rendered with the model's template
+    into the text a Spin app would pass to `infer`. It is a plain prompt from then on:
+    the tokenizer adds its BOS as to any prompt (the WIT's infer takes text only, and
+    `refllm conform` replays the case as that text), not a chat route's `ChatText`."""
+    if spec.messages is None:
+        return spec.prompt
+    return str(llm.apply_chat_template(list(spec.messages)))  # [str subclass -> str]
 
 
 def _head(spec: CaseSpec) -> dict:

@@ -295,6 +295,8 @@ def _parse_params(d, fail, allow_non_finite: bool) -> InferencingParams:
     out = {}
     for k, v in d.items():
         if k in INT_PARAMS:
+            if isinstance(v, float) and v.is_integer():  # 8.0 is JSON's integer 8 too
+                v = int(v)
             if not isinstance(v, int) or isinstance(v, bool):
                 fail(f"params.{k} is an integer")
         elif isinstance(v, str) and allow_non_finite and v in NON_FINITE:
