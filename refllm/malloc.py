@@ -12,12 +12,19 @@ logits.
 `retain_freed_memory()` raises both thresholds with `mallopt`: blocks up to 64 MiB come
 from the heap, and up to 256 MiB of freed heap is kept for the next allocation. Peak
 memory is unchanged (the same arrays exist at the same time); only the return of freed
-memory to the OS between passes is given up. A no-op off glibc, and called once by the
-model constructors (`Llama`, `Bert`).
+memory to the OS between passes is given up. A no-op off glibc.
 
-The thresholds are process-wide: an application that imports refllm gets them for its
-own allocations too. Set `REFLLM_RETAIN_FREED_MEMORY=0` in the environment to leave
-glibc's defaults alone (the embedding batches then page-fault again, about 1.5x slower).
+The thresholds are process-wide, so setting them is the application's call, not a
+library's: refllm's entry points call it (the `refllm` command line, the server's
+`serve_from_args`, and the bench's refllm engines, which run as those do); building a
+`Llama` or a `Bert` leaves the allocator alone. A library user opts in with one call:
+
+    from refllm.malloc import retain_freed_memory
+    retain_freed_memory()
+
+and `REFLLM_RETAIN_FREED_MEMORY=0` in the environment makes that call a no-op, for the
+command line and the server too (the embedding batches then page-fault again, about
+1.5x slower).
 """
 
 from __future__ import annotations

@@ -118,6 +118,25 @@ def test_llama_cached_decoding_matches_the_reference(tiny_llama, dtype):
         ref(ids[:9], rc)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_generation_runs_on_the_reference(tmp_path, temperature):
+    """`refllm.generate.Generation` takes the reference model in place of the fast one
+    (a learner can step through generation in it): the same tokens, greedy and sampled."""
+    import dataclasses
+
+    from refllm.generate import Generation, LoadedLLM
+    from refllm.types import InferencingParams
+    from tests.tiny_models import make_tiny_llm
+
+    d = make_tiny_llm(tmp_path)
+    fast = LoadedLLM.from_dir(d)
+    plain = dataclasses.replace(fast, model=reference.Llama.from_pretrained(d))
+    params = InferencingParams(max_tokens=40, temperature=temperature, repeat_penalty=1.1)
+    a, b = (Generation(llm, "The quick brown fox", params, seed=3) for llm in (fast, plain))
+    assert a.run().text == b.run().text and a.tokens == b.tokens
+    assert len(a.tokens) == 40  # no early EOS on this tiny model: every step compared
+
+
 def test_llama_rope_frequencies_match_the_fast_path(tiny_llama):
     from refllm.ops import rope_inv_freq
 

@@ -61,6 +61,8 @@ class Bert:
     """`refllm.Bert`'s interface: `from_pretrained(dir, dtype)`, then
     `model(input_ids, attention_mask, token_type_ids)` [B, T] x3 -> [B, T, H]."""
 
+    backend = "reference"
+
     def __init__(self, config: BertConfig, weights: dict[str, np.ndarray], dtype=np.float32):
         self.config, self.weights, self.dtype = config, weights, np.dtype(dtype)  # weights: names without "bert."
         self.act = gelu if config.hidden_act == "gelu" else gelu_tanh

@@ -112,6 +112,8 @@ class Llama:
     """`refllm.Llama`'s interface: `from_pretrained(dir, dtype)`, `model(ids, cache,
     last_only)` -> [T, V] logits, `new_cache(max_len)`, `decode(token, cache)` -> [V]."""
 
+    backend = "reference"
+
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], dtype=np.float32):
         self.config, self.weights, self.dtype = config, weights, np.dtype(dtype)  # weights: safetensors names
         self.lm_head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])  # [V, D]
