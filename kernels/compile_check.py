@@ -1,7 +1,7 @@
 """Compile every kernel, with the launch configurations its wrapper picks on a GPU, for
 a CUDA target - on a machine without a GPU.
 
-    TRITON_INTERPRET=0 python -m refllm.kernels.compile_check [--arch 80 90] [-v]
+    python -m refllm.kernels.compile_check [--arch 80 90] [-v]
 
 The interpreter runs a kernel's Python on NumPy, so it does not see what only the
 compiler checks: block shapes `tl.dot` accepts, dtypes that must agree across loop
@@ -11,14 +11,18 @@ recorded launch through Triton's whole pipeline (TTIR, TTGIR, LLVM, PTX, and a c
 from the `ptxas` that ships with the triton wheel) for each architecture, and prints
 the shared memory each needs. A failure is a compile error a GPU would have raised.
 
-It must start with the interpreter off (`TRITON_INTERPRET=0`), since the mode is fixed
-when the kernels are defined at import.
+It needs the interpreter off (`TRITON_INTERPRET=0`), since the mode is fixed when the
+kernels are defined at import, and importing `refllm.kernels` without CUDA turns it on.
+Started with it on (as `python -m` does: the package is imported before this module), it
+runs itself again in a fresh interpreter with `TRITON_INTERPRET=0`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -115,9 +119,13 @@ def main(argv=None) -> int:
 
     from .common import INTERPRET
 
-    if INTERPRET:
-        print("compile_check: start it with TRITON_INTERPRET=0 (the kernels were defined for the interpreter)")
-        return 2
+    if INTERPRET:  # the kernels were defined for the interpreter: compile them in a fresh process
+        if os.environ.get("TRITON_INTERPRET") == "0":  # already the fresh process, and still on
+            print("compile_check: the kernels were defined for the interpreter although TRITON_INTERPRET=0")
+            return 2
+        argv = sys.argv[1:] if argv is None else list(argv)
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        return subprocess.call([sys.executable, "-m", "refllm.kernels.compile_check", *argv], env=env)
     import triton
     from triton.backends.compiler import GPUTarget
 

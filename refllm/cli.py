@@ -426,7 +426,6 @@ def cmd_rm(args) -> int:
 
 def cmd_infer(args) -> int:
     from .api import as_profile
-    from .chat_repl import chat_prompt
     from .errors import InvalidInputError
     from .generate import Generation
 
@@ -436,13 +435,12 @@ def cmd_infer(args) -> int:
     started = time.perf_counter()
     llm = load_llm(args)
     load_s = time.perf_counter() - started
-    prompt_ids = None
     if args.system is not None and not args.chat:
         raise InvalidInputError("--system needs --chat (a system message is part of the chat template)")
-    if args.chat:
+    if args.chat:  # the template's text, tokenized without adding special tokens (SPEC 2.1)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
-        prompt, prompt_ids = chat_prompt(llm, messages)
-    gen = Generation(llm, prompt, params, seed=args.seed, stop=args.stop, prompt_ids=prompt_ids)
+        prompt = llm.apply_chat_template(messages)
+    gen = Generation(llm, prompt, params, seed=args.seed, stop=args.stop)
     if args.json:
         r = as_profile(gen.run(), prompt, args.profile)
         print(json.dumps({"text": r.text, "usage": {"prompt-token-count": r.usage.prompt_token_count,

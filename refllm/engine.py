@@ -7,12 +7,15 @@ models are being loaded right now (for Hugging Face's 503 "currently loading").
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from .backend import resolve_backend
+from .backend import BACKENDS, resolve_backend
+from .errors import InvalidInputError, LLMRuntimeError
 
 _models: dict[tuple, object] = {}
 _locks: dict[tuple, threading.Lock] = {}
@@ -25,11 +28,38 @@ def _dtype_of(precision) -> np.dtype:
         return np.dtype(np.float32)
     if precision in ("float64", np.float64):
         return np.dtype(np.float64)
-    raise ValueError(f"precision={precision!r} is not one of float32, float64")
+    raise InvalidInputError(f"precision={precision!r} is not one of float32, float64")
+
+
+def _backend_of(backend) -> str:
+    """The backend to run on (`resolve_backend`), as an `LLMError` when it cannot be used."""
+    if backend is not None and backend not in BACKENDS:
+        raise InvalidInputError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    try:
+        backend = resolve_backend(backend)
+    except ValueError as e:  # from $REFLLM_BACKEND
+        raise InvalidInputError(f"$REFLLM_BACKEND: {e}") from None
+    if backend == "triton":
+        missing = [name for name in ("torch", "triton") if not _installed(name)]
+        if missing:
+            raise LLMRuntimeError(f"backend 'triton' needs {' and '.join(missing)}, which cannot be imported: "
+                                  f"install refllm's 'gpu' extra (torch first), or use backend 'numpy'")
+    return backend
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (importing triton before
+    `refllm.kernels` would fix its interpreter mode too early)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _get(kind: str, path: Path, precision, backend, factory):
-    dtype, backend = _dtype_of(precision), resolve_backend(backend)
+    dtype, backend = _dtype_of(precision), _backend_of(backend)
     key = (kind, str(Path(path).resolve()), dtype.str, backend)
     if key in _models:
         return _models[key]

@@ -13,9 +13,13 @@ This module only *finds* models; loading them (and keeping them loaded) is the j
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .errors import InvalidInputError, ModelNotSupportedError
 
@@ -31,16 +35,23 @@ def user_cache_root() -> Path:
 
 
 def models_root(explicit: str | os.PathLike | None = None) -> Path:
-    """The models root, by SPEC 5's order of precedence."""
+    """The models root, by SPEC 5's order of precedence. It need not exist yet (a pull
+    creates it), but a path that is something other than a directory is invalid-input."""
     if explicit is not None:
-        return Path(explicit)
+        return _checked_root(Path(explicit), "the models root")
     env = os.environ.get("REFLLM_MODELS_DIR")
     if env:
-        return Path(env)
+        return _checked_root(Path(env), "$REFLLM_MODELS_DIR")
     local = Path(".spin") / "ai-models"
     if local.is_dir():
         return local
     return user_cache_root()
+
+
+def _checked_root(root: Path, what: str) -> Path:
+    if root.exists() and not root.is_dir():
+        raise InvalidInputError(f"{what} {str(root)!r} is not a directory")
+    return root
 
 
 @dataclass(frozen=True)
@@ -113,3 +124,62 @@ def check_allowed(name: str, allowed: "list[str] | tuple[str, ...] | set[str] | 
             f"The component does not have access to use '{name}'. To give the component access, "
             f"add '{name}' to the 'ai_models' key for the component in your spin.toml manifest"
         )
+
+
+def find_model(name: str, root: str | os.PathLike | None = None) -> list[ModelEntry]:
+    """Every model on disk called `name` (a decoder and an embedding model may share one)."""
+    _check_name(name)
+    found = [e for e in list_models(root) if e.name == name]
+    if not found:
+        raise _not_found(name)
+    return found
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_model(name: str, root: str | os.PathLike | None = None) -> dict:
+    """What `refllm show` prints: where the model is, its config files, its parameter
+    count (from the safetensors headers), every file with its size and sha256, and its
+    chat template."""
+    from safetensors import safe_open
+
+    from .config import read_json
+
+    entry = find_model(name, root)[0]
+    path = entry.path
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    info: dict = {"name": entry.name, "kind": entry.kind, "path": str(path)}
+    for stem in ("config", "generation_config", "sentence_bert_config"):
+        info[stem] = read_json(path / f"{stem}.json") if (path / f"{stem}.json").is_file() else None
+    parameters = None
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="numpy") as st:
+                parameters = (parameters or 0) + sum(
+                    int(np.prod(st.get_slice(k).get_shape(), dtype=np.int64)) for k in st.keys())
+    info["parameters"] = parameters
+    info["files"] = [{"path": f.relative_to(path).as_posix(), "size_bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                     for f in files]
+    info["size_bytes"] = sum(f["size_bytes"] for f in info["files"])
+    tok_config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    template = tok_config.get("chat_template")
+    info["chat_template"] = template if isinstance(template, str) else None
+    return info
+
+
+def remove_model(name: str, root: str | os.PathLike | None = None) -> list[Path]:
+    """Delete model `name` from disk; its former directories. Each directory is first renamed
+    to a hidden one (atomically), so a removal that stops half way leaves nothing that loads."""
+    paths = []
+    for entry in find_model(name, root):
+        doomed = entry.path.with_name(f".rm-{entry.name}-{os.getpid()}")
+        os.rename(entry.path, doomed)
+        shutil.rmtree(doomed)
+        paths.append(entry.path)
+    return paths
