@@ -161,7 +161,8 @@ def test_7b_widths_bfloat16_match_transformers_within_the_memory_bound(tmp_path_
 
     model = hf_model(d, torch.float32)
     with torch.no_grad():
-        generated = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False,
+        generated = model.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+                                   max_new_tokens=NEW_TOKENS, do_sample=False,
                                    output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     theirs = torch.cat(generated.logits).float().numpy()  # [NEW_TOKENS, V]
     tokens = generated.sequences[0, len(PROMPT):].tolist()
