@@ -135,7 +135,8 @@ __all__ = [
     "hf_softmax", "hf_draw",
     # llama.cpp
     "sample_token_llama_cpp", "lcpp_penalties", "lcpp_top_k", "lcpp_top_p", "lcpp_min_p", "lcpp_temperature",
-    "lcpp_dist", "LLAMA_CPP_DEFAULT_MIN_P",
+    "lcpp_dist", "lcpp_chain", "LLAMA_CPP_DEFAULT_MIN_P", "hf_scores",
+    "distribution",
 ]
 
 
@@ -279,15 +280,10 @@ def hf_draw(probs, u: float) -> int:  # [V], () -> ()
     return _walk(order, p[order], _check_u(u), inclusive=False)
 
 
-def sample_token_hf(logits, ids: Sequence[int], params: InferencingParams, u: float | None, *,
-                    min_tokens_to_keep: int = 1) -> int:
-    """transformers / TGI: penalty over the whole sequence (``repeat_penalty_last_n_token_count``
-    is ignored), then greedy, or temperature, top-k, top-p on the renormalised mass,
-    softmax and the draw ``u``."""
+def hf_scores(logits, ids: Sequence[int], params: InferencingParams, *, min_tokens_to_keep: int = 1) -> np.ndarray:
+    """Steps 1 and 3-5 on the sampling path: the warped scores [V] float64 (-inf where removed)."""
     z = _check_logits(logits)
     z = hf_repetition_penalty(z, ids, params.repeat_penalty)  # 1. [V] float32
-    if params.temperature <= 0:
-        return hf_greedy(z)  # 2.
     x = np.asarray(z, dtype=np.float64)  # [V]
     if params.temperature != 1.0:
         x = hf_temperature(x, params.temperature)  # 3.
@@ -295,6 +291,17 @@ def sample_token_hf(logits, ids: Sequence[int], params: InferencingParams, u: fl
         x = hf_top_k(x, params.top_k, min_tokens_to_keep)  # 4.
     if params.top_p < 1.0:
         x = hf_top_p(x, params.top_p, min_tokens_to_keep)  # 5.
+    return x
+
+
+def sample_token_hf(logits, ids: Sequence[int], params: InferencingParams, u: float | None, *,
+                    min_tokens_to_keep: int = 1) -> int:
+    """transformers / TGI: penalty over the whole sequence (``repeat_penalty_last_n_token_count``
+    is ignored), then greedy, or temperature, top-k, top-p on the renormalised mass,
+    softmax and the draw ``u``."""
+    if params.temperature <= 0:
+        return hf_greedy(hf_repetition_penalty(_check_logits(logits), ids, params.repeat_penalty))  # 1., 2.
+    x = hf_scores(logits, ids, params, min_tokens_to_keep=min_tokens_to_keep)  # 1., 3.-5. [V]
     return hf_draw(hf_softmax(x), _check_u(u))  # 6.
 
 
@@ -379,13 +386,9 @@ def lcpp_dist(cand_ids, cand_logits, u: float) -> int:  # [K], [K], () -> ()
     return _walk(np.asarray(cand_ids), hf_softmax(cand_logits), _check_u(u), inclusive=True)
 
 
-def sample_token_llama_cpp(logits, ids: Sequence[int], params: InferencingParams, u: float | None, *,
-                           min_p: float = LLAMA_CPP_DEFAULT_MIN_P, min_keep: int = 1, penalty_freq: float = 0.0,
-                           penalty_present: float = 0.0) -> int:
-    """llama.cpp's default chain: penalties, top-k, top-p, min-p, temperature, dist.
-
-    On the greedy path (``temperature <= 0``) ``u`` may be None: the chain leaves one
-    candidate and any draw picks it."""
+def lcpp_chain(logits, ids: Sequence[int], params: InferencingParams, *, min_p: float = LLAMA_CPP_DEFAULT_MIN_P,
+               min_keep: int = 1, penalty_freq: float = 0.0, penalty_present: float = 0.0):
+    """Steps 1-5 of the chain: the candidates `lcpp_dist` draws from and their logits. [V] -> [K], [K]"""
     z = _check_logits(logits)
     z = lcpp_penalties(z, ids, params.repeat_penalty_last_n_token_count, params.repeat_penalty,
                        penalty_freq, penalty_present)  # 1. [V] float32
@@ -394,7 +397,18 @@ def sample_token_llama_cpp(logits, ids: Sequence[int], params: InferencingParams
     cand_ids, cand = lcpp_top_k(cand_ids, cand, top_k)  # 2. [K]
     cand_ids, cand = lcpp_top_p(cand_ids, cand, params.top_p, min_keep)  # 3.
     cand_ids, cand = lcpp_min_p(cand_ids, cand, min_p, min_keep)  # 4.
-    cand_ids, cand = lcpp_temperature(cand_ids, cand, params.temperature)  # 5.
+    return lcpp_temperature(cand_ids, cand, params.temperature)  # 5.
+
+
+def sample_token_llama_cpp(logits, ids: Sequence[int], params: InferencingParams, u: float | None,
+                           **extras) -> int:
+    """llama.cpp's default chain: penalties, top-k, top-p, min-p, temperature, dist.
+    Extras (`lcpp_chain`): min_p (default 0.05, llama.cpp's), min_keep, penalty_freq,
+    penalty_present.
+
+    On the greedy path (``temperature <= 0``) ``u`` may be None: the chain leaves one
+    candidate and any draw picks it."""
+    cand_ids, cand = lcpp_chain(logits, ids, params, **extras)  # 1.-5. [K], [K]
     if params.temperature <= 0 and u is None:
         u = 0.0
     return lcpp_dist(cand_ids, cand, u)  # 6.
@@ -408,3 +422,30 @@ PROFILES = {
     "hf": sample_token_hf,
     "llama.cpp": sample_token_llama_cpp,
 }
+
+
+# ===================================================================== distributions
+
+def distribution(profile: str, logits, ids: Sequence[int], params: InferencingParams, **extras) -> np.ndarray:
+    """The exact probability of each next token [V] float64 on the sampling path
+    (``temperature > 0``) under `profile`: the weights its draw walks, normalised. This is
+    what a backend with its own RNG is tested against (`refllm.conform.stats`)."""
+    if not params.temperature > 0:
+        raise ValueError("a distribution exists on the sampling path only (temperature > 0)")
+    z = _check_logits(logits)
+    out = np.zeros(len(z), dtype=np.float64)  # [V]
+    if profile in ("spec", "spin"):
+        if extras:
+            raise TypeError(f"the {profile} profile takes no extras, got {sorted(extras)}")
+        from .logprobs import kept_candidates
+
+        kept, w = kept_candidates(z, ids, params)  # [K], [K] not renormalised
+        out[kept] = np.asarray(w, dtype=np.float64) / np.cumsum(w)[-1]
+    elif profile == "hf":
+        out = hf_softmax(hf_scores(z, ids, params, **extras))
+    elif profile == "llama.cpp":
+        cand_ids, cand = lcpp_chain(z, ids, params, **extras)
+        out[np.asarray(cand_ids)] = hf_softmax(cand)
+    else:
+        raise ValueError(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
+    return out

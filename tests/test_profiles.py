@@ -278,3 +278,37 @@ def test_bad_inputs_are_refused():
         hf_repetition_penalty(z, [9], 1.1)  # id outside the vocabulary
     with pytest.raises(TypeError):
         sample_token_spin(z, [], P(), 0.5, min_p=0.1)
+
+
+# ----------------------------------------------------------------------------- distributions
+
+@pytest.mark.parametrize("profile", ["spec", "hf", "llama.cpp"])
+def test_distribution_is_the_measure_of_u_that_picks_each_token(profile):
+    """`distribution` must be what the profile's own sampler draws: the fraction of a fine,
+    even grid of u in [0, 1) that picks each token (exact up to the grid's spacing)."""
+    z = np.random.default_rng(3).normal(size=40).astype(np.float32)
+    ids = [1, 5, 5, 7]
+    params = InferencingParams(temperature=1.2, top_k=12, top_p=0.8, repeat_penalty=1.3,
+                               repeat_penalty_last_n_token_count=3)
+    extras = {"min_p": 0.02} if profile == "llama.cpp" else {}
+    p = profiles.distribution(profile, z, ids, params, **extras)
+    grid = (np.arange(4000) + 0.5) / 4000
+    picks = np.bincount([PROFILES[profile](z, ids, params, float(u), **extras) for u in grid], minlength=40)
+    np.testing.assert_allclose(p, picks / len(grid), atol=1 / len(grid))
+    assert abs(p.sum() - 1) < 1e-12 and (p > 0).sum() > 2
+
+
+def test_distributions_of_the_orders_differ():
+    """The same logits and params give other distributions under other orders (the
+    statistical check's power rests on this)."""
+    z = np.random.default_rng(4).normal(size=40).astype(np.float32)
+    params = InferencingParams(temperature=1.5, top_k=8, top_p=0.6, repeat_penalty=1.0)
+    spec = profiles.distribution("spec", z, [], params)
+    lcpp = profiles.distribution("llama.cpp", z, [], params, min_p=0.0)
+    hf = profiles.distribution("hf", z, [], params)
+    # spec: top-p on the whole mass at T keeps 8; llama.cpp and hf renormalise (and llama.cpp
+    # filters before T), each keeping 4
+    assert ((spec > 0).sum(), (lcpp > 0).sum(), (hf > 0).sum()) == (8, 4, 4)
+    assert np.abs(spec - lcpp).max() > 0.1 and np.abs(spec - hf).max() > 0.1
+    with pytest.raises(ValueError):
+        profiles.distribution("spec", z, [], InferencingParams(temperature=0.0))

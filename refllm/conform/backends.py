@@ -109,8 +109,8 @@ BACKENDS: dict[str, Backend] = {
         "refllm", "refllm's own server (`refllm serve`): SPEC 2-4 in every dialect",
         params={**_OPENAI_NAMES, "repeat_penalty": "repetition_penalty", "top_k": "top_k", "min_p": None,
                 "last_n": None},
-        neutral={}, top_k_off=None, eos_counted=True, penalty="last-n", returns=("ids", "logprobs", "text"),
-        sampler="spec"),
+        neutral={}, top_k_off=None, eos_counted=True, penalty="whole", returns=("ids", "logprobs", "text"),
+        sampler="spec"),  # penalty: over TGI and OpenAI the whole sequence; the Spin dialect carries last-n itself
     "llama-cpp-python": Backend(
         "llama-cpp-python", "llama-cpp-python 0.3.x's OpenAI-compatible server (python -m llama_cpp.server)",
         params={**_OPENAI_NAMES, "repeat_penalty": "repeat_penalty", "top_k": "top_k", "min_p": "min_p",

@@ -106,19 +106,18 @@ class Context:
     def model(self, name: str) -> str:
         return self.model_map.get(name, name)
 
-    def prompt_logits(self, case: dict) -> np.ndarray:
-        """refllm's float64 logits at the end of the case's prompt [V] (the model is loaded
-        from `models_root` on first use)."""
-        key = (case["model"], tuple(case["prompt_ids"]))
+    def logits_at(self, case: dict, prompt: str, ids: Sequence[int]) -> np.ndarray:
+        """refllm's float64 logits after `ids` [V], the model loaded from `models_root` on
+        first use; `ids` must be what the model makes of `prompt`, the text sent."""
+        key = (case["model"], tuple(ids))
         if key not in self._logits:
             from .. import engine, registry
 
             llm = engine.get_llm(registry.find_llm(case["model"], self.models_root), precision="float64",
                                  backend="numpy")
-            if list(llm.encode(case["prompt"])) != list(case["prompt_ids"]):
-                raise ValueError("the local model tokenizes the prompt otherwise than the golden set")
-            self._logits[key] = np.asarray(llm.model(np.asarray(case["prompt_ids"]), last_only=True)[0],
-                                           dtype=np.float64)
+            if list(llm.encode(prompt)) != list(ids):
+                raise Skip("the prompt plus the reference's first tokens tokenizes otherwise; no statistical check")
+            self._logits[key] = np.asarray(llm.model(np.asarray(ids), last_only=True)[0], dtype=np.float64)
         return self._logits[key]
 
 
@@ -487,16 +486,52 @@ def _first_token_key(got: Got, by_id: bool):
     return whole_chars(got.text)
 
 
-def expected_first_token(case: dict, ctx: Context, params: InferencingParams, by_id: bool) -> dict:
-    """The claimed sampler's exact distribution of the first generated token, keyed as the
-    backend's answers are (id, or text in whole characters)."""
+def _entropy_at(step: dict, ids: Sequence[int], params: InferencingParams) -> float:
+    """The entropy of SPEC 3's kept candidates at a golden step, from its top-n logits only
+    (an estimate of how much a test at that step can see)."""
+    from .. import sampling
+
+    z = np.array([logprobs.penalize_one(v, t, ids, params.repeat_penalty, params.repeat_penalty_last_n_token_count)
+                  for t, v in step["top"]])  # [n] the top-n, penalised
+    p = sampling.softmax_with_temperature(z, params.temperature)  # [n]
+    _, w = sampling.top_p_filter(*sampling.top_k_candidates(p, params.top_k), params.top_p)  # [K]
+    q = np.asarray(w) / np.sum(w)
+    return float(-np.sum(q * np.log(q)))
+
+
+def stats_step(case: dict, params: InferencingParams, ctx: Context) -> tuple[int, str, list[int]]:
+    """The step of the reference trajectory whose next-token distribution is tested: the
+    one with the most spread-out kept candidates (the first token is often all but
+    certain). Returns k, the prompt to send (the prompt + the reference's first k tokens'
+    text, which must end on a whole character) and the ids it must tokenize to."""
+    best, best_h = 0, -1.0
+    tok = ctx.tokenizers.get(case["model"])
+    for k, step in enumerate(case["steps"]):
+        if step["eos"]:
+            break
+        if k:
+            text = case["text"][: case["steps"][k - 1]["text_end"]]
+            if tok is None or whole_chars(tok.decode(case["tokens"][:k], skip_special_tokens=True)) != text:
+                continue
+        h = _entropy_at(step, list(case["prompt_ids"]) + list(case["tokens"][:k]), params)
+        if h > best_h + 1e-9:
+            best, best_h = k, h
+    text = case["text"][: case["steps"][best - 1]["text_end"]] if best else ""
+    return best, case["prompt"] + text, list(case["prompt_ids"]) + list(case["tokens"][:best])
+
+
+def expected_next_token(case: dict, ctx: Context, params: InferencingParams, prompt: str, ids: list[int],
+                        by_id: bool) -> dict:
+    """The claimed sampler's exact distribution of the token after `prompt` (tokenized as
+    `ids`), keyed as the backend's answers are (id, or text in whole characters)."""
     from .. import profiles
 
     be = ctx.backend
-    ids = [] if be is not None and be.penalty == "generated-last-n" else list(case["prompt_ids"])
+    window = [] if be is not None and be.penalty == "generated-last-n" else ids  # the prompt is all it has seen
     profile = "spec" if ctx.profile == "spin" else ctx.profile
     extras = {"min_p": 0.0} if profile == "llama.cpp" else {}  # conform sends min_p 0 (or the backend has none)
-    p = profiles.distribution(profile, ctx.prompt_logits(case).astype(np.float32), ids, params, **extras)  # [V]
+    z = ctx.logits_at(case, prompt, ids).astype(np.float32)  # [V] as a float32 engine samples from
+    p = profiles.distribution(profile, z, window, params, **extras)  # [V]
     nz = np.flatnonzero(p)
     if by_id:
         return {int(i): float(p[i]) for i in nz}
@@ -521,13 +556,15 @@ def check_sampled_stats(case: dict, ctx: Context, res: dict, params: Inferencing
         for f, note in cached[2]:
             _fault(res, f, note)
         return _finish(res)
-    path, body = ctx.dialect.generate(case, ctx.model(case["model"]), params, first_only=True)
+    k, prompt, ids = stats_step(case, params, ctx)
+    at = {**case, "prompt": prompt, "prompt_ids": ids}
+    path, body = ctx.dialect.generate(at, ctx.model(case["model"]), params, first_only=True)
     probe = ctx.transport.post(path, ctx.dialect.set_seed(body, STATS_SEED0))
     if _http_failed(res, probe):
         return _finish(res)
     got0 = ctx.dialect.parse_generate(probe, case)
     by_id = got0.tokens is not None and all(t.get("id") is not None for t in got0.tokens) and bool(got0.tokens)
-    expected = expected_first_token(case, ctx, params, by_id)
+    expected = expected_next_token(case, ctx, params, prompt, ids, by_id)
     n = ctx.stats_n
     if n is None:
         n = 400
@@ -540,7 +577,8 @@ def check_sampled_stats(case: dict, ctx: Context, res: dict, params: Inferencing
             return _finish(res)
         observed[_first_token_key(ctx.dialect.parse_generate(r, case), by_id)] += 1
     t = stats.g_test(expected, observed, ctx.thresholds.get("alpha", stats.ALPHA))
-    t.update(profile=ctx.profile, by="id" if by_id else "text", seeds=[STATS_SEED0, STATS_SEED0 + n - 1],
+    t.update(profile=ctx.profile, by="id" if by_id else "text", step=k, prompt=prompt,
+             seeds=[STATS_SEED0, STATS_SEED0 + n - 1],
              power=stats.POWER, effect_w=stats.EFFECT_W)
     del t["cells"]
     res["stats"] = t
@@ -554,7 +592,7 @@ def check_sampled_stats(case: dict, ctx: Context, res: dict, params: Inferencing
         under = ", ".join(f"{r['key']!r} {r['observed']} vs {r['expected']:.1f}" for r in t["under"]
                           if r["residual"] < 0)
         found.append(("sampling-distribution",
-                      f"the first token's distribution over {n} seeds is not the {ctx.profile} sampler's: G = "
+                      f"the distribution of token {k} (after the reference's first {k}) over {n} seeds is not the {ctx.profile} sampler's: G = "
                       f"{t['g']:.1f}, df {t['df']}, p = {t['pvalue']:.2g} < {t['alpha']:g}; over-represented: "
                       f"{over}; under-represented: {under}"))
     for f, note in found:
