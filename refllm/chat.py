@@ -2,16 +2,31 @@
 
 Hugging Face tokenizers carry a `chat_template` (in tokenizer_config.json) that turns
 a list of `{"role", "content"}` messages into the prompt the model was tuned on. We
-render it as transformers' `apply_chat_template` does: jinja2's immutable sandbox,
-`trim_blocks` and `lstrip_blocks`, a `raise_exception` helper, and the special-token
-strings as variables.
+render it as transformers' `apply_chat_template` does
+(`transformers/utils/chat_template_utils.py`, `_cached_compile_jinja_template`):
+jinja2's immutable sandbox, `trim_blocks` and `lstrip_blocks`, the loop controls, the
+special-token strings as variables, and the same helpers:
+
+    raise_exception(message)   the template rejects the conversation (invalid input here)
+    strftime_now(format)       the local time now, formatted (Llama 3.1's "Today Date")
+    x | tojson                 json.dumps without HTML escaping (jinja2's own escapes <, >, &, ')
+
+The rendered text is a `ChatText`: the template has written its own BOS (Llama 2/3,
+Mistral write `{{ bos_token }}`), so it is tokenized without adding special tokens
+(SPEC.md section 2.1, as `apply_chat_template(tokenize=True)`).
 """
 
 from __future__ import annotations
 
+import json
+from datetime import datetime
 from functools import lru_cache
 
 from .errors import InvalidInputError, LLMRuntimeError
+
+
+class ChatText(str):
+    """Text rendered by a chat template: tokenized WITHOUT adding special tokens."""
 
 
 class TemplateError(Exception):
@@ -22,13 +37,23 @@ def _raise_exception(message):
     raise TemplateError(message)
 
 
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format):
+    return datetime.now().strftime(format)
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str):
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
     try:
         return env.from_string(template)
     except jinja2.TemplateError as e:
@@ -58,13 +83,14 @@ def validate_messages(messages) -> list[dict]:
     return out
 
 
-def render_chat(template: str | None, messages, add_generation_prompt: bool = True, **special_tokens) -> str:
+def render_chat(template: str | None, messages, add_generation_prompt: bool = True, **special_tokens) -> ChatText:
     """The prompt text for `messages` under the model's chat template."""
     if not template:
         raise InvalidInputError("this model has no chat template")
     messages = validate_messages(messages)
     try:
-        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens)
+        return ChatText(_compile(template).render(messages=messages, tools=None, documents=None,  # as transformers
+                                                  add_generation_prompt=add_generation_prompt, **special_tokens))
     except TemplateError as e:
         raise InvalidInputError(f"chat template: {e}") from e
     except Exception as e:  # a template bug is the model's problem, not the caller's

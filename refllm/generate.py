@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import sampling
-from .chat import render_chat
+from .chat import ChatText, render_chat
 from .config import read_json
 from .errors import InvalidInputError, LLMRuntimeError
 from .llama import Llama
@@ -55,29 +55,31 @@ class LoadedLLM:
         tok_config = read_json(model_dir / "tokenizer_config.json") if (model_dir / "tokenizer_config.json").is_file() else {}
         special = {k: _token_str(tok_config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         special = {k: v for k, v in special.items() if v is not None}
+        _honour_bos_eos_flags(tokenizer, tok_config, special, model_dir)
         return cls(
             name=name or model_dir.name,
             model=model,
             tokenizer=tokenizer,
-            eos_token_ids=_eos_ids(model_dir, model.config.eos_token_id, tokenizer),
+            eos_token_ids=_eos_ids(model_dir, model.config.eos_token_id, tokenizer, special.get("eos_token")),
             context_length=model.config.max_position_embeddings,
             chat_template=tok_config.get("chat_template") if isinstance(tok_config.get("chat_template"), str) else None,
             special_tokens=special,
         )
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, special tokens (the BOS) added by the tokenizer."""
+        """Token ids of `text`, special tokens (the BOS) added by the tokenizer, except to
+        a chat template's text (`ChatText`, which writes its own: SPEC 2.1)."""
         if not isinstance(text, str):
             raise InvalidInputError(f"prompt must be a string, got {type(text).__name__}")
-        try:
-            return self.tokenizer.encode(text, add_special_tokens=True).ids
+        try:  # encode_batch releases the GIL (encode does not): a 2 MB prompt must not stall a server's loop
+            return self.tokenizer.encode_batch([text], add_special_tokens=not isinstance(text, ChatText))[0].ids
         except (TypeError, ValueError) as e:  # e.g. a lone surrogate, which is not UTF-8
             raise InvalidInputError(f"prompt is not valid Unicode text ({e})") from e
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> ChatText:
         return render_chat(self.chat_template, messages, add_generation_prompt, **self.special_tokens)
 
 
@@ -87,16 +89,55 @@ def _token_str(t):
     return t if isinstance(t, str) else None
 
 
-def _eos_ids(model_dir: Path, from_config, tokenizer) -> frozenset[int]:
-    """config.json's eos_token_id (int or list), else generation_config.json's, else `</s>`."""
-    ids = from_config
-    if ids is None and (model_dir / "generation_config.json").is_file():
+LLAMA_TOKENIZER_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast"}
+
+
+def _honour_bos_eos_flags(tokenizer, tok_config: dict, special: dict, model_dir: Path) -> None:
+    """tokenizer_config.json's `add_bos_token` / `add_eos_token`, as transformers' fast
+    Llama tokenizer reads them.
+
+    For a `LlamaTokenizer(Fast)` class, transformers 4's `LlamaTokenizerFast.__init__`
+    rebuilds tokenizer.json's post-processor from the two flags (absent: BOS yes, EOS
+    no) with `update_post_processor`; llama.cpp's converter copies the same flags into
+    the GGUF. So a Llama 2 fine-tune saying `"add_eos_token": true` gets `</s>` appended,
+    one saying `"add_bos_token": false` no `<s>`. Any other class keeps tokenizer.json's
+    post-processor. (transformers 5 drops both flags whenever a tokenizer.json exists:
+    `tokenization_utils_base.from_pretrained`; it agrees with this wherever the flags
+    agree with the file, as in Llama 2's and Mistral's own repositories.)
+    """
+    from tokenizers import processors
+
+    if tok_config.get("tokenizer_class") not in LLAMA_TOKENIZER_CLASSES:
+        return
+    bos = special.get("bos_token") if tok_config.get("add_bos_token", True) else None
+    eos = special.get("eos_token") if tok_config.get("add_eos_token", False) else None
+    tokens = [(t, tokenizer.token_to_id(t)) for t in dict.fromkeys(x for x in (bos, eos) if x)]
+    for t, i in tokens:
+        if i is None:
+            raise LLMRuntimeError(f"{model_dir / 'tokenizer_config.json'}: special token {t!r} is not in the vocabulary")
+    single = f"{bos + ':0 ' if bos else ''}$A:0{' ' + eos + ':0' if eos else ''}"
+    pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
+    tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=tokens)
+
+
+def _eos_ids(model_dir: Path, from_config, tokenizer, eos_token: str | None) -> frozenset[int]:
+    """The ids that end a generation (SPEC 2.3): generation_config.json's eos_token_id
+    (an int or a list; Llama-3-Instruct's `<|eot_id|>` is only there), else config.json's,
+    else the tokenizer's EOS token (tokenizer_config.json's `eos_token`, else `</s>`)."""
+    ids = None
+    if (model_dir / "generation_config.json").is_file():
         ids = read_json(model_dir / "generation_config.json").get("eos_token_id")
     if ids is None:
-        ids = tokenizer.token_to_id("</s>")
+        ids = from_config
     if ids is None:
-        raise LLMRuntimeError(f"{model_dir}: no eos_token_id in config.json or generation_config.json, and no </s> token")
-    return frozenset([ids] if isinstance(ids, int) else ids)
+        ids = tokenizer.token_to_id(eos_token or "</s>")
+    if ids is None:
+        raise LLMRuntimeError(f"{model_dir}: no eos_token_id in generation_config.json or config.json, "
+                              f"and no {eos_token or '</s>'} token")
+    ids = [ids] if isinstance(ids, int) else ids
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise LLMRuntimeError(f"{model_dir}: eos_token_id must be an int or a list of ints, got {ids!r}")
+    return frozenset(ids)
 
 
 # ------------------------------------------------------------------ validation

@@ -44,3 +44,263 @@ def test_causal_attention_sees_only_keys_up_to_its_position(T, start_pos):
     k, v = rng.standard_normal((S, NKV, HD)), rng.standard_normal((S, NKV, HD))  # [S, NKV, HD] x2
     got = ops.causal_attention(q, k, v, start_pos)  # [T, NH, HD]
     np.testing.assert_allclose(got, attention_by_definition(q, k, v, start_pos), rtol=0, atol=1e-13)
+
+
+# ------------------------------------------------------------------ tiny tokenizers of each family
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Héllo wörld, naïve café — ünïcödé 你好世界 🙂 emoji.",
+    "def f(x):\n    return x * 2  # code 12345\n",
+    "Why is the sky blue? Because of Rayleigh scattering of sunlight.",
+    "[INST] Hi there [/INST] Hello! How can I help you today?",
+]
+TEXTS = ["Hello world", " leading space and  two", "naïve café 你好 🙂", "digits 1234567 and\nnew lines\n\n", "<s> not special?"]
+
+LLAMA2_CHAT = (  # Llama 2's template, abridged: it writes the BOS itself
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + message['content'].strip()"
+    " + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'].strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+MISTRAL_CHAT = (  # Mistral-7B-Instruct-v0.1's template
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + ' ' }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+LLAMA3_CHAT = (  # Llama 3.1's template, abridged: the date line, tools as JSON
+    "{{- bos_token }}{%- set date_string = strftime_now('%d %b %Y') %}"
+    "<|start_header_id|>system<|end_header_id|>\n\nToday Date: {{ date_string }}\n"
+    "{%- if tools is defined %}{{ tools | tojson }}{% endif %}<|eot_id|>"
+    "{%- for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{%- endfor %}"
+    "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{%- endif %}"
+)
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def llama2_tokenizer():
+    """A sentencepiece-style BPE as Llama 2's tokenizer.json: "▁" for spaces prepended by
+    the normalizer, byte fallback to <0xNN>, <s> added by the post-processor."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
+    spec = json.loads(tok.to_str())
+    spec["model"].update(byte_fallback=True, fuse_unk=True, unk_token="<unk>")  # the trainer forgets them
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return tok
+
+
+def llama3_tokenizer():
+    """A byte-level BPE as Llama 3's: its split regex, <|begin_of_text|> added first."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from refllm.weights.gguf_tokenizer import _LLAMA3_SPLIT
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=420, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    tok.add_special_tokens(LLAMA3_SPECIALS)
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
+    return tok
+
+
+def write_model_dir(d, tok, tok_config: dict, config: dict | None = None, generation: dict | None = None, seed=0):
+    """A model directory: tokenizer.json, tokenizer_config.json, a tiny random Llama
+    whose vocabulary is the tokenizer's, and generation_config.json when given."""
+    import json
+
+    from tests.llama_util import make_tiny_llama
+
+    d.mkdir(parents=True, exist_ok=True)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    make_tiny_llama(d, dict(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                            max_position_embeddings=96) | (config or {}), seed=seed)
+    if generation is not None:
+        (d / "generation_config.json").write_text(json.dumps(generation))
+    return d
+
+
+def hf_tokenizer(d):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+def hf_chat_ids(tok, messages, **kwargs):
+    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, **kwargs)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+# "PreTrainedTokenizerFast": tokenizer.json as it is. (transformers 5's LlamaTokenizer class
+# replaces the file's normalizer by Metaspace(prepend_scheme="first"), which spells a
+# leading space "▁" where the file's Prepend("▁") gives "▁▁".)
+LLAMA2_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                 "add_bos_token": True, "add_eos_token": False, "chat_template": LLAMA2_CHAT}
+LLAMA3_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+                 "eos_token": "<|eot_id|>", "chat_template": LLAMA3_CHAT}
+
+
+@pytest.fixture(scope="module")
+def llama2_dir(tmp_path_factory):
+    tok = llama2_tokenizer()
+    return write_model_dir(tmp_path_factory.mktemp("llama2") / "m", tok, LLAMA2_CONFIG,
+                           dict(bos_token_id=1, eos_token_id=2))
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory):
+    tok = llama3_tokenizer()
+    eot, end = tok.token_to_id("<|eot_id|>"), tok.token_to_id("<|end_of_text|>")
+    return write_model_dir(tmp_path_factory.mktemp("llama3") / "m", tok, LLAMA3_CONFIG,
+                           dict(bos_token_id=tok.token_to_id("<|begin_of_text|>"), eos_token_id=end),
+                           generation=dict(eos_token_id=[end, eot]))
+
+
+def loaded(d):
+    from refllm.generate import LoadedLLM
+
+    return LoadedLLM.from_dir(d)
+
+
+# ------------------------------------------------------------------ 2, 4, 7: tokenizing and chat
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3"])
+def test_prompt_ids_are_transformers(family, llama2_dir, llama3_dir):
+    d = {"llama2": llama2_dir, "llama3": llama3_dir}[family]
+    llm, tok = loaded(d), hf_tokenizer(d)
+    for text in TEXTS:
+        assert llm.encode(text) == tok(text)["input_ids"], text
+        assert llm.decode(llm.encode(text)) == tok.decode(tok(text)["input_ids"], skip_special_tokens=True)
+
+
+CONVERSATION = [{"role": "user", "content": "Hi there <b>&</b>"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "naïve café?"}]
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3", "mistral"])
+def test_chat_prompt_has_one_bos_as_transformers(family, llama2_dir, llama3_dir, tmp_path):
+    """The template writes the BOS; tokenizing its text must not add a second (SPEC 2.1)."""
+    from refllm.generate import Generation
+
+    d = {"llama2": llama2_dir, "llama3": llama3_dir}.get(family)
+    if family == "mistral":
+        d = write_model_dir(tmp_path / "mistral", llama2_tokenizer(), LLAMA2_CONFIG | {"chat_template": MISTRAL_CHAT},
+                            dict(bos_token_id=1, eos_token_id=2))
+    llm, tok = loaded(d), hf_tokenizer(d)
+    text = llm.apply_chat_template(CONVERSATION)
+    assert text == tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    ids = Generation(llm, text).prompt_ids
+    assert ids == hf_chat_ids(tok, CONVERSATION)
+    assert ids.count(tok.bos_token_id) == 2 if family == "llama2" else ids.count(tok.bos_token_id) == 1
+
+
+def test_mistral_template_raise_exception_is_invalid_input(llama2_dir, tmp_path):
+    from jinja2.exceptions import TemplateError
+
+    from refllm.errors import InvalidInputError
+
+    d = write_model_dir(tmp_path / "mistral", llama2_tokenizer(), LLAMA2_CONFIG | {"chat_template": MISTRAL_CHAT},
+                        dict(bos_token_id=1, eos_token_id=2))
+    bad = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Hi"}]
+    with pytest.raises(TemplateError, match="alternate"):
+        hf_tokenizer(d).apply_chat_template(bad, tokenize=False)
+    with pytest.raises(InvalidInputError, match="alternate"):
+        loaded(d).apply_chat_template(bad)
+
+
+def test_template_environment_is_transformers(llama3_dir):
+    """strftime_now and a tojson that does not escape HTML, as transformers defines them."""
+    from refllm.chat import render_chat
+
+    tok = hf_tokenizer(llama3_dir)
+    template = LLAMA3_CHAT + "{{ messages | tojson }}{{ {'k': 'é<&>\\''} | tojson(indent=2) }}"
+    expected = tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True, chat_template=template)
+    got = render_chat(template, CONVERSATION, True, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    assert got == expected
+    assert '"Hi there <b>&</b>"' in got
+
+
+@pytest.mark.parametrize("flags", [dict(add_bos_token=True, add_eos_token=True), dict(add_bos_token=False),
+                                   dict(add_eos_token=True), dict()])
+def test_add_bos_and_eos_flags_as_the_fast_llama_tokenizer(flags, tmp_path):
+    """A LlamaTokenizerFast's add_bos_token / add_eos_token (absent: True / False) rebuild
+    the post-processor, by transformers' own `update_post_processor`. (transformers 5
+    drops the flags at load when there is a tokenizer.json; transformers 4 applied them
+    in LlamaTokenizerFast.__init__, so the peer here is the tokenizer.json as
+    transformers loads it, with the flags then set as 4 set them.)"""
+    from transformers import PreTrainedTokenizerFast
+
+    config = {k: v for k, v in LLAMA2_CONFIG.items() if k not in ("add_bos_token", "add_eos_token")}
+    d = write_model_dir(tmp_path / "m", llama2_tokenizer(), config | flags | {"tokenizer_class": "LlamaTokenizerFast"},
+                        dict(bos_token_id=1, eos_token_id=2))
+    tok = PreTrainedTokenizerFast.from_pretrained(str(d))  # tokenizer.json as it is (see LLAMA2_CONFIG)
+    tok.add_bos_token = flags.get("add_bos_token", True)
+    tok.add_eos_token = flags.get("add_eos_token", False)
+    llm = loaded(d)
+    for text in TEXTS:
+        assert llm.encode(text) == tok(text)["input_ids"], (flags, text)
+    other = write_model_dir(tmp_path / "other", llama2_tokenizer(), config | flags, dict(bos_token_id=1, eos_token_id=2))
+    assert loaded(other).encode("Hi")[0] == 1  # not a Llama tokenizer class: tokenizer.json's <s> alone
+
+
+# ------------------------------------------------------------------ 3. EOS ids: generation_config.json first
+
+
+def hf_greedy(d, ids, max_new_tokens, **kwargs):
+    """transformers' greedy tokens after `ids` and the logits each was chosen from."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0, **kwargs)
+    return out.sequences[0, len(ids):].tolist(), [lg[0].numpy() for lg in out.logits]
+
+
+def test_generation_stops_at_generation_config_eos_as_transformers(llama3_dir, tmp_path):
+    """config.json says <|end_of_text|>; generation_config.json adds another id, as
+    Llama-3-Instruct adds <|eot_id|>. transformers' generate stops at it, and so must we."""
+    import json
+    import shutil
+
+    from refllm.generate import Generation
+    from refllm.types import InferencingParams
+
+    d = shutil.copytree(llama3_dir, tmp_path / "m")
+    ids = loaded(d).encode("Why is the sky blue?")
+    free, _ = hf_greedy(d, ids, 12, eos_token_id=None)
+    stop = next(t for i, t in enumerate(free) if i >= 2 and t not in free[:i])  # first new token from the third on
+    end = json.loads((d / "config.json").read_text())["eos_token_id"]
+    assert stop != end
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [end, stop]}))
+    expected, logits = hf_greedy(d, ids, 12)
+    assert expected[-1] == stop and len(expected) < 12
+
+    gen = Generation(loaded(d), "Why is the sky blue?", InferencingParams(max_tokens=12, temperature=0.0, repeat_penalty=1.0))
+    gen.run()
+    assert gen.prompt_ids == ids
+    assert gen.tokens == expected
+    assert gen.finish_reason == "eos"
+    for step, hf in zip(gen.steps, logits):
+        np.testing.assert_allclose(step.logits, hf, rtol=0, atol=1e-4)
