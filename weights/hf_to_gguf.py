@@ -96,6 +96,11 @@ def write_f32_gguf(model_dir, path) -> Path:
         w.add_add_bos_token(first == [c.bos_token_id])
     if eos is not None:
         w.add_eos_token_id(eos)
+    tok_config = model_dir / "tokenizer_config.json"  # convert_hf_to_gguf's SpecialVocab: the chat template
+    if tok_config.is_file():
+        template = json.loads(tok_config.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, str):
+            w.add_chat_template(template)
 
     def f32(name):
         return np.ascontiguousarray(t[name], dtype=np.float32)
