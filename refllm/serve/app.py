@@ -33,6 +33,8 @@ from ..malloc import retain_freed_memory
 from . import hf, openai, spin
 from .core import DEFAULT_EMBEDDING_MODEL, DEFAULT_LLM, STATUS, Engine, ServeError, ServerConfig, dumps, from_llm_error
 from .limits import FERMYON_EMBEDDING_QUOTA, FERMYON_INFERENCE_QUOTA, FERMYON_MAX_TOKENS
+from .protocol import h11_with_header_timeout
+from .scheduler import BATCH_MODES
 
 log = logging.getLogger("refllm.serve")
 
@@ -86,10 +88,12 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         log.exception("unexpected error serving %s %s", request.method, request.url.path)
         return render(request, ServeError("runtime", f"internal error: {type(exc).__name__}: {exc}"))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health(request: Request) -> Response:
         """Answers at once, whatever the model is doing (no auth: it is for load balancers)."""
-        return Response(dumps({"status": "ok", "loading": sorted(engine.loading), "queued": engine.gate.waiting}),
+        s = engine.scheduler
+        return Response(dumps({"status": "ok", "loading": sorted(engine.loading), "queued": s.queued,
+                               "running": len(s.running), "embedding": len(s.embedding)}),
                         media_type="application/json")
 
     app.include_router(spin.router)
@@ -100,9 +104,19 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
 # ----------------------------------------------------------------------------- running
 
+def uvicorn_config(app, config: ServerConfig, host: str, port: int, log_level: str, **kw) -> uvicorn.Config:
+    """uvicorn's settings for `config`: X-Forwarded-For trusted only from
+    `forwarded_allow_ips` (uvicorn trusts 127.0.0.1 by default, which let any local
+    client pick its quota's address), and the header read timeout."""
+    trusted = config.forwarded_allow_ips
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=h11_with_header_timeout(
+        config.header_timeout_s), proxy_headers=trusted is not None, forwarded_allow_ips=trusted or "", **kw)
+
+
 def run(config: ServerConfig | None = None, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
     """Serve until interrupted."""
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = config or ServerConfig()
+    uvicorn.Server(uvicorn_config(create_app(config), config, host, port, log_level, timeout_graceful_shutdown=5)).run()
 
 
 class ServerThread:
@@ -114,8 +128,9 @@ class ServerThread:
 
     def __init__(self, config: ServerConfig | None = None, host: str = "127.0.0.1", port: int = 0,
                  log_level: str = "warning"):
+        config = config or ServerConfig()
         self.app = create_app(config)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level=log_level,
+        self.server = uvicorn.Server(uvicorn_config(self.app, config, host, port, log_level,
                                                     timeout_graceful_shutdown=2, lifespan="on"))
         self.host = host
         self.thread = threading.Thread(target=self.server.run, name="refllm-serve", daemon=True)
@@ -201,8 +216,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help=f"generated tokens a request may ask for (default: {FERMYON_MAX_TOKENS})")
     g.add_argument("--max-body-bytes", type=_positive_int, default=ServerConfig.max_body_bytes,
                    help=f"request body limit (default: {ServerConfig.max_body_bytes})")
+    g.add_argument("--max-client-batch", type=_positive_int, default=ServerConfig.max_client_batch,
+                   help=f"prompts or input texts in one request (default: {ServerConfig.max_client_batch}); "
+                        f"each counts against the quota")
+    g.add_argument("--forwarded-allow-ips", metavar="ADDRESSES",
+                   help="trust X-Forwarded-For from these comma-separated proxy addresses or networks "
+                        "('*': any); default: trust no proxy header")
+    g.add_argument("--header-timeout", type=float, default=ServerConfig.header_timeout_s, metavar="SECONDS",
+                   help=f"the request line and headers must arrive within this (default: {ServerConfig.header_timeout_s:g})")
+    g.add_argument("--body-timeout", type=float, default=ServerConfig.body_timeout_s, metavar="SECONDS",
+                   help=f"the body must arrive within this (default: {ServerConfig.body_timeout_s:g}); else 408")
     g = parser.add_argument_group("engine")
-    g.add_argument("--concurrency", type=_positive_int, default=1, help="model computations at once (default: 1)")
+    g.add_argument("--max-batch", type=_positive_int, default=ServerConfig.max_batch,
+                   help=f"sequences decoded together, continuous batching (default: {ServerConfig.max_batch})")
+    g.add_argument("--max-queue", type=int, default=ServerConfig.max_queue,
+                   help=f"requests waiting for the batch before the server answers overloaded: TGI 429, "
+                        f"OpenAI and Spin 503 with Retry-After (default: {ServerConfig.max_queue})")
+    g.add_argument("--batch-mode", choices=BATCH_MODES, default=ServerConfig.batch_mode,
+                   help="'invariant' (default): every answer is bit for bit refllm.infer's, whatever it is "
+                        "batched with; 'throughput': one matrix product for the batch, answers may differ "
+                        "by float rounding")
     g.add_argument("--cache-size", type=int, default=256, help="x-use-cache responses kept (0: none; default: 256)")
     g.add_argument("--profile", choices=("spec", "spin"), default="spec",
                    help="'spin': Spin 3's engine's text and usage on /infer and /embed")
@@ -228,9 +261,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         default_embedding_model=args.default_embedding_model,
         tokens=tuple(dict.fromkeys(tokens)), token_models=token_models, allowed_models=args.ai_models,
         inference_quota=inference_quota, embedding_quota=embedding_quota, quota_window_s=args.quota_window,
-        max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes, concurrency=args.concurrency,
-        cache_size=args.cache_size, profile=args.profile, backend=args.backend, precision=args.precision,
-        preload=args.preload)
+        max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
+        max_queue=args.max_queue, max_client_batch=args.max_client_batch, batch_mode=args.batch_mode,
+        forwarded_allow_ips=args.forwarded_allow_ips, header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout, cache_size=args.cache_size, profile=args.profile, backend=args.backend,
+        precision=args.precision, preload=args.preload)
 
 
 def serve_from_args(args: argparse.Namespace) -> int:

@@ -52,9 +52,9 @@ from .. import __version__
 from ..config import read_json
 from ..errors import LLMError
 from ..types import InferencingParams
-from .core import (EMBED, GENERATE, NO_TOP_K, PLACEHOLDER_MODELS, SSE_HEADERS, ServeError, dumps, finished,
-                   get_bool, get_float, get_int, get_str, get_str_list, header_true, invalid, log_softmax_at,
-                   read_json_object, sse, top_logprobs)
+from .core import (EMBED, GENERATE, LARGE_BODY, NO_TOP_K, PLACEHOLDER_MODELS, SSE_HEADERS, ServeError, dumps,
+                   dumps_rows, finished, get_bool, get_float, get_int, get_str, get_str_list, header_true, invalid,
+                   log_softmax_at, read_json_object, sse, top_logprobs)
 from .limits import EMBEDDING, INFERENCE, authenticate, permit
 
 router = APIRouter()
@@ -72,12 +72,16 @@ def render_error(err: ServeError, status: int) -> Response:
         status = 422
     if err.kind == "loading":
         body = {"error": err.message, "estimated_time": err.extra.get("estimated_time", 1.0)}
-    elif err.kind == "not_found":
-        body = {"error": f"Model {err.extra.get('model', '')} does not exist".replace("  ", " ")}
+    elif err.kind == "not_found" and "model" in err.extra:
+        body = {"error": f"Model {err.extra['model']} does not exist"}
+    elif err.kind == "not_found":  # a route: say so
+        body = {"error": err.message}
+    elif err.kind == "overloaded":  # TGI's router: InferError::Overloaded
+        status, body = 429, {"error": "Model is overloaded", "error_type": "overloaded"}
     else:
         body = {"error": ("Input validation error: " + err.message) if err.kind == "validation" else err.message}
         error_type = {"validation": "validation", "bad_request": "validation", "too_large": "validation",
-                      "model_not_supported": "validation", "runtime": "generation"}.get(err.kind)
+                      "model_not_supported": "validation", "runtime": "generation", "timeout": "timeout"}.get(err.kind)
         if error_type:
             body["error_type"] = error_type
     return Response(dumps(body), status_code=status, media_type="application/json", headers=err.headers)
@@ -315,18 +319,22 @@ async def feature_extraction(request: Request, body: dict, model: str | None) ->
     if get_str(body, "encoding_format", "float") != "float":
         raise invalid("`encoding_format` must be \"float\"", "encoding_format")
     dimensions = get_int(body, "dimensions", lo=1)
+    engine.limits.check_client_batch(len(texts), "inputs")
 
     entry = engine.resolve(model, EMBED)
     check_loading(request, entry, body)
-    permit(request, entry.name, EMBEDDING)
+    permit(request, entry.name, EMBEDDING, len(texts))
     key = engine.cache.key("features", entry.name, texts) if use_cache(request, body) else None
     if key is not None and (hit := engine.cache.get(key)) is not None:
         return Response(hit, media_type="application/json", headers={"x-cache": "hit"})
     embedder = await engine.load_embedder(entry)
     if dimensions is not None and dimensions != embedder.dim:
         raise invalid(f"`dimensions` must be {embedder.dim} for model {entry.name}", "dimensions")
-    result = await engine.embed(embedder, texts)
-    content = dumps(result.embeddings)
+    result = await engine.embed(embedder, texts, request=request)
+    if result is None:
+        return Response(status_code=499)  # the client has gone
+    small = len(texts) * embedder.dim * 10 < LARGE_BODY  # ~10 bytes a number
+    content = dumps(result.embeddings) if small else await engine.encode_rows(result.embeddings)
     if key is not None:
         engine.cache.put(key, content)
     return Response(content, media_type="application/json", headers={"x-cache": "miss"} if key else {})
@@ -394,10 +402,12 @@ async def info(request: Request) -> Response:
     return Response(dumps({
         "model_id": name, "model_sha": None, "model_dtype": engine.config.precision or "float32",
         "model_device_type": engine.config.backend or "cpu", "model_pipeline_tag": "text-generation",
-        "max_concurrent_requests": 128, "max_best_of": 1, "max_stop_sequences": MAX_STOP_SEQUENCES,
-        "max_input_tokens": context, "max_total_tokens": context, "max_new_tokens_cap": engine.limits.cap,
-        "validation_workers": 1, "max_client_batch_size": 1, "router": "refllm", "version": __version__,
-        "sha": None, "docker_label": None,
+        "max_concurrent_requests": engine.config.max_batch + engine.config.max_queue, "max_best_of": 1,
+        "max_stop_sequences": MAX_STOP_SEQUENCES, "max_input_tokens": context, "max_total_tokens": context,
+        "max_new_tokens_cap": engine.limits.cap, "max_batch_size": engine.config.max_batch,
+        "max_waiting_requests": engine.config.max_queue, "batch_mode": engine.config.batch_mode,
+        "validation_workers": 1, "max_client_batch_size": engine.limits.max_client_batch, "router": "refllm",
+        "version": __version__, "sha": None, "docker_label": None,
     }), media_type="application/json")
 
 

@@ -7,10 +7,14 @@
     take           per-caller hourly quotas (Fermyon Cloud: 75 inference and 200 embedding
                    requests an hour), a sliding window; over it: 429 with Retry-After
     cap            generated tokens a request may ask for (Fermyon Cloud: 1,024)
+    check_client_batch  prompts or texts one request may carry (--max-client-batch)
     max_body_bytes the request body limit (413), enforced while the body is read
 
 Quotas are counted per token, or per client address when auth is off, for each request
-that reaches a model (after auth, parsing and model checks, before any compute).
+that reaches a model (after auth, parsing and model checks, before any compute), and
+an array request counts once per prompt or input text (issue 14, D2: one call with 20
+prompts is 20 calls' work). The client address is the socket's peer: uvicorn's proxy
+headers are off unless `--forwarded-allow-ips` names the proxies to trust (D3).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class Limits:
         self.window_s = float(config.quota_window_s)
         self.cap = int(config.max_tokens_cap)
         self.max_body_bytes = int(config.max_body_bytes)
+        self.max_client_batch = int(config.max_client_batch)
         self.clock = clock
         self._seen: dict[tuple[str, str], deque[float]] = {}
         self._lock = threading.Lock()
@@ -88,8 +93,9 @@ class Limits:
         if allowed is not None and model not in allowed:
             raise ServeError("forbidden", denial(model), param="model")
 
-    def take(self, who: str, kind: str) -> None:
-        """Count one `kind` request for `who`; 429 with Retry-After if over the quota."""
+    def take(self, who: str, kind: str, n: int = 1) -> None:
+        """Count `n` `kind` requests for `who` (an array request's prompts or inputs);
+        429 with Retry-After if they do not all fit in the quota (then none is counted)."""
         limit = self.quotas.get(kind)
         if limit is None:
             return
@@ -98,13 +104,16 @@ class Limits:
             seen = self._seen.setdefault((who, kind), deque())
             while seen and seen[0] <= now - self.window_s:
                 seen.popleft()
-            if len(seen) >= limit:
-                retry = max(1, math.ceil(seen[0] + self.window_s - now))
+            if len(seen) + n > limit:
+                free = limit - len(seen)
+                # the oldest entries that must expire before n fit (n > limit: never; say a window)
+                retry = self.window_s if n > limit else max(1, math.ceil(seen[n - free - 1] + self.window_s - now))
+                more = f" ({n} in this request)" if n > 1 else ""
                 raise ServeError(
                     "rate_limited",
-                    f"quota exceeded: {limit} {kind} requests per {self.window_s:g} s; retry in {retry} s",
-                    headers={"retry-after": str(retry)})
-            seen.append(now)
+                    f"quota exceeded: {limit} {kind} requests per {self.window_s:g} s{more}; retry in {retry:g} s",
+                    headers={"retry-after": str(math.ceil(retry))})
+            seen.extend([now] * n)
 
     def remaining(self, who: str, kind: str) -> int | None:
         limit = self.quotas.get(kind)
@@ -114,6 +123,12 @@ class Limits:
         with self._lock:
             seen = self._seen.get((who, kind), ())
             return max(0, limit - sum(1 for t in seen if t > now - self.window_s))
+
+    def check_client_batch(self, n: int, name: str) -> None:
+        """An array of more than `max_client_batch` prompts or inputs is a validation error."""
+        if n > self.max_client_batch:
+            raise ServeError("validation", f"`{name}` has {n} items, more than this server's limit of "
+                                           f"{self.max_client_batch} a request (max_client_batch_size)", param=name)
 
     def check_max_tokens(self, n: int, name: str) -> None:
         """An explicit request for more than the cap is a validation error."""
@@ -136,9 +151,10 @@ def authenticate(request) -> str | None:
     return token
 
 
-def permit(request, model: str, kind: str) -> None:
-    """Step 2, once the model is known: the allow-lists (403), then the quota (429)."""
+def permit(request, model: str, kind: str, n: int = 1) -> None:
+    """Step 2, once the model is known: the allow-lists (403), then the quota (429) for
+    the request's `n` prompts or inputs."""
     limits = request.app.state.engine.limits
     token = getattr(request.state, "token", None)
     limits.check_model(token, model)
-    limits.take(caller(request, token), kind)
+    limits.take(caller(request, token), kind, n)

@@ -17,6 +17,9 @@ llm.apply_chat_template(messages), params, seed=seed, stop=stop)`'s.
 `logprobs` / `top_logprobs` (chat) and `logprobs` (completions) are the log-softmax of
 the logits each token was drawn from. `n` > 1, penalties other than 0, `logit_bias`,
 tools and non-text response formats are refused with a 400 naming the parameter.
+A list of prompts (or of embedding inputs) counts once per item against the quota and
+may hold at most `--max-client-batch` items; its prompts are decoded together. An
+overloaded server answers 503 with Retry-After (the openai package retries it).
 
 Streams are `data: {json}` server-sent events ending with `data: [DONE]`; with
 `stream_options: {"include_usage": true}` every chunk carries `"usage": null` and a last
@@ -38,9 +41,9 @@ from fastapi.responses import Response, StreamingResponse
 from .. import __version__
 from ..errors import LLMError
 from ..types import InferencingParams
-from .core import (EMBED, GENERATE, NO_TOP_K, SSE_DONE, SSE_HEADERS, ServeError, dumps, finished, from_llm_error,
-                   get_bool, get_float, get_int, get_str, get_str_list, invalid, log_softmax_at, read_json_object,
-                   sse, top_logprobs)
+from .core import (EMBED, GENERATE, LARGE_BODY, NO_TOP_K, SSE_DONE, SSE_HEADERS, ServeError, dumps, dumps_object_rows,
+                   finished, from_llm_error, get_bool, get_float, get_int, get_str, get_str_list, invalid,
+                   log_softmax_at, read_json_object, sse, top_logprobs)
 from .limits import EMBEDDING, INFERENCE, authenticate, permit
 
 router = APIRouter(prefix="/v1")
@@ -53,10 +56,10 @@ MAX_TOP_LOGPROBS = 20
 U64 = 2**64 - 1
 
 _TYPES = {"rate_limited": "requests", "runtime": "server_error", "loading": "server_error",
-          "forbidden": "permission_error"}
+          "forbidden": "permission_error", "overloaded": "server_error"}
 _CODES = {"not_found": "model_not_found", "unauthorized": "invalid_api_key", "rate_limited": "rate_limit_exceeded",
           "too_large": "request_too_large", "model_not_supported": "model_not_supported",
-          "forbidden": "model_not_allowed"}
+          "forbidden": "model_not_allowed", "overloaded": "overloaded", "timeout": "timeout"}
 
 
 def render_error(err: ServeError, status: int) -> Response:
@@ -133,11 +136,12 @@ def _logprob_entry(llm, token: int, logits, k: int) -> dict:
     return entry
 
 
-async def _generation(request: Request, body: dict, sampling: Sampling, prompt_of):
-    """Resolve, admit, load, render the prompt (prompt_of(llm)) and start the generation."""
+async def _generation(request: Request, body: dict, sampling: Sampling, prompt_of, n: int = 1):
+    """Resolve, admit (`n` prompts against the quota), load, render the prompt
+    (prompt_of(llm)) and make the generation."""
     engine = request.app.state.engine
     entry = engine.resolve(body.get("model"), GENERATE)
-    permit(request, entry.name, INFERENCE)
+    permit(request, entry.name, INFERENCE, n)
     llm = await engine.load_llm(entry)
     prompt = await engine.off_loop(lambda: prompt_of(llm))
     gen = await engine.generation(llm, prompt, sampling.params, seed=sampling.seed, stop=sampling.stop)
@@ -265,6 +269,7 @@ async def completions(request: Request) -> Response:
     k = get_int(body, "logprobs", lo=0, hi=5)
     if sampling.stream and len(prompts) != 1:
         raise invalid("streaming takes one prompt", "prompt")
+    request.app.state.engine.limits.check_client_batch(len(prompts), "prompt")
 
     cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
     if sampling.stream:
@@ -292,13 +297,13 @@ async def completions(request: Request) -> Response:
 
         return _stream(chunks())
 
-    entry, llm, _, first = await _generation(request, body, sampling, lambda llm: prompts[0])
+    entry, llm, _, first = await _generation(request, body, sampling, lambda llm: prompts[0], len(prompts))
+    gens = [first] + [await engine.generation(llm, p, sampling.params, seed=sampling.seed, stop=sampling.stop)
+                      for p in prompts[1:]]
+    if not await engine.run_all(gens, request):  # decoded together
+        return Response(status_code=499)
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for i, p in enumerate(prompts):
-        gen = first if i == 0 else await engine.generation(llm, p, sampling.params, seed=sampling.seed,
-                                                           stop=sampling.stop)
-        if not await engine.run(gen, request):
-            return Response(status_code=499)
+    for i, (p, gen) in enumerate(zip(prompts, gens)):
         text = (p if echo else "") + gen.result.text
         logprobs = _completion_logprobs(llm, gen, k, len(p) if echo else 0) if k is not None else None
         choices.append({"index": i, "text": text, "finish_reason": FINISH_REASONS[gen.finish_reason],
@@ -325,21 +330,28 @@ async def embeddings(request: Request) -> Response:
     if fmt not in ("float", "base64"):
         raise invalid("`encoding_format` must be \"float\" or \"base64\"", "encoding_format")
     dimensions = get_int(body, "dimensions", lo=1)
+    engine.limits.check_client_batch(len(texts), "input")
     entry = engine.resolve(body.get("model"), EMBED)
-    permit(request, entry.name, EMBEDDING)
+    permit(request, entry.name, EMBEDDING, len(texts))
     embedder = await engine.load_embedder(entry)
     if dimensions is not None and dimensions != embedder.dim:
         raise invalid(f"`dimensions` must be {embedder.dim} for {entry.name}", "dimensions")
-    result = await engine.embed(embedder, texts)
+    result = await engine.embed(embedder, texts, request=request)
+    if result is None:
+        return Response(status_code=499)  # the client has gone
 
     def encode(v):
         return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") if fmt == "base64" else v
 
-    n = result.usage.prompt_token_count
-    return _json({"object": "list", "model": entry.name,
-                  "data": [{"object": "embedding", "index": i, "embedding": encode(v)}
-                           for i, v in enumerate(result.embeddings)],
-                  "usage": {"prompt_tokens": n, "total_tokens": n}})
+    def body() -> bytes:  # a row at a time: a large answer is encoded in the loader pool
+        n = result.usage.prompt_token_count
+        return dumps_object_rows({"object": "list", "model": entry.name,
+                                  "data": [{"object": "embedding", "index": i, "embedding": encode(v)}
+                                           for i, v in enumerate(result.embeddings)],
+                                  "usage": {"prompt_tokens": n, "total_tokens": n}}, "data")
+
+    small = len(texts) * embedder.dim * 10 < LARGE_BODY  # ~10 bytes a number
+    return Response(body() if small else await engine.off_loop(body), media_type="application/json")
 
 
 # ----------------------------------------------------------------------------- models

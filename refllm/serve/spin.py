@@ -11,10 +11,12 @@ with NO content-type header and `authorization: bearer <token>`:
 
 Spin reads any answer as that JSON (it does not look at the status), so a failure is a
 4xx/5xx with `{"error": message, "variant": <WIT error case>}`, which Spin reports as a
-runtime-error. Options missing from the body take Spin's defaults (SPEC 1); `maxTokens`
-above the server's cap is lowered to it (the WIT: "the backing implementation may
-return less tokens"). Extension: a top-level `"seed"`. With the server's profile
-"spin", text and usage are those of Spin 3's local engine (SPEC 6).
+runtime-error. Options missing from the body take Spin's defaults (SPEC 1); an option
+Spin does not send (`max_tokens`, `top_k`: snake case is not Spin's) is refused rather
+than silently ignored; `maxTokens` above the server's cap is lowered to it (the WIT:
+"the backing implementation may return less tokens"). Extension: a top-level `"seed"`.
+With the server's profile "spin", text and usage are those of Spin 3's local engine
+(SPEC 6). An overloaded server answers 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ..types import InferencingParams, InferencingResult, InferencingUsage
-from .core import EMBED, GENERATE, ServeError, dumps, get_float, get_int, get_str, invalid, read_json_object
+from .core import (EMBED, GENERATE, LARGE_BODY, ServeError, dumps, dumps_object_rows, get_float, get_int, get_str,
+                   invalid, read_json_object)
 from .limits import EMBEDDING, INFERENCE, authenticate, permit
 
 router = APIRouter()
@@ -39,7 +42,7 @@ OPTIONS = {  # camelCase option -> (InferencingParams field, integer?)
 }
 VARIANTS = {"validation": "invalid-input", "bad_request": "invalid-input", "not_found": "invalid-input",
             "forbidden": "invalid-input", "too_large": "invalid-input", "model_not_supported": "model-not-supported",
-            "runtime": "runtime-error"}
+            "runtime": "runtime-error", "overloaded": "runtime-error", "timeout": "invalid-input"}
 
 
 def render_error(err: ServeError, status: int) -> Response:
@@ -59,6 +62,10 @@ def parse_options(options, cap: int) -> InferencingParams:
         options = {}
     if not isinstance(options, dict):
         raise invalid("`options` must be an object", "options")
+    unknown = [k for k in options if k not in OPTIONS]
+    if unknown:
+        raise invalid(f"unknown option `{unknown[0]}` in `options`; Spin's options are "
+                      f"{', '.join(OPTIONS)} (camelCase)", f"options.{unknown[0]}")
     d = InferencingParams()
     values = {}
     for key, (field, integer) in OPTIONS.items():
@@ -105,12 +112,17 @@ async def embed(request: Request) -> Response:
         raise invalid("`input` must be a list of strings", "input")
     if not texts:
         raise invalid("`input` must not be empty", "input")
+    engine.limits.check_client_batch(len(texts), "input")
     entry = engine.resolve(body.get("model"), EMBED)
-    permit(request, entry.name, EMBEDDING)
+    permit(request, entry.name, EMBEDDING, len(texts))
     embedder = await engine.load_embedder(entry)
-    result = await engine.embed(embedder, texts, profile=engine.config.profile)
-    return json_response({"embeddings": result.embeddings,
-                          "usage": {"promptTokenCount": result.usage.prompt_token_count}})
+    result = await engine.embed(embedder, texts, profile=engine.config.profile, request=request)
+    if result is None:
+        return Response(status_code=499)  # the client has gone
+    out = {"embeddings": result.embeddings, "usage": {"promptTokenCount": result.usage.prompt_token_count}}
+    if len(texts) * embedder.dim * 10 < LARGE_BODY:  # ~10 bytes a number
+        return json_response(out)
+    return Response(await engine.off_loop(lambda: dumps_object_rows(out, "embeddings")), media_type="application/json")
 
 
 __all__ = ["router", "render_error", "parse_options"]
