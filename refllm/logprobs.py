@@ -13,6 +13,7 @@ the number another tool compares against.
     log_softmax(z)                              -> [V] float64
     log_softmax_at(z, ids)                      -> [n] float64
     top_n(z, n)                                 -> n x (id, value), descending (ties: lower id)
+    u_intervals(kept_probs)                     -> [K], [K]: candidate i is picked for lo[i] <= u < hi[i]
     u_interval(z32, ids, params, token)         -> (lo, hi): SPEC 3 picks `token` for lo <= u < hi
 
 SPEC 3 step 1 is float32 (`sampling.apply_repeat_penalty`); `penalize` is the same rule
@@ -32,7 +33,7 @@ from . import sampling
 from .types import InferencingParams
 
 __all__ = ["penalty_window", "penalize", "penalize_one", "log_softmax", "log_softmax_at", "top_n", "u_interval",
-           "kept_candidates"]
+           "u_intervals", "kept_candidates"]
 
 
 def penalty_window(ids: Sequence[int], penalty: float, last_n: int) -> np.ndarray:  # ids -> [n] int64
@@ -90,13 +91,22 @@ def kept_candidates(logits, ids: Sequence[int], params: InferencingParams) -> tu
     return sampling.top_p_filter(*sampling.top_k_candidates(p, params.top_k), params.top_p)  # [K], [K]
 
 
+def u_intervals(kept_probs) -> tuple[np.ndarray, np.ndarray]:  # [K] -> [K], [K]
+    """For each kept candidate i, the draws ``lo[i] <= u < hi[i]`` for which SPEC 3's step 6
+    picks it: ``cumsum(w)[i-1] / W`` to ``cumsum(w)[i] / W`` (sequential sums, as step 6)."""
+    cum = np.cumsum(np.asarray(kept_probs, dtype=np.float64))  # [K]
+    hi = cum / cum[-1]  # [K]
+    lo = np.concatenate(([0.0], cum[:-1])) / cum[-1]  # [K]
+    return lo, hi
+
+
 def u_interval(logits, ids: Sequence[int], params: InferencingParams, token: int) -> tuple[float, float]:
     """The draws ``u`` for which SPEC 3's step 6 picks `token`: ``lo <= u < hi``
-    (``cumsum(w)[i-1] / W`` to ``cumsum(w)[i] / W``). (0, 0) if `token` is not kept."""
+    (`u_intervals` of the kept candidates). (0, 0) if `token` is not kept."""
     kept, probs = kept_candidates(logits, ids, params)  # [K], [K]
     where = np.nonzero(kept == token)[0]
     if len(where) == 0:
         return 0.0, 0.0
-    cum = np.cumsum(np.asarray(probs, dtype=np.float64))  # [K] sequential, as step 6
+    lo, hi = u_intervals(probs)
     i = int(where[0])
-    return float((cum[i - 1] if i else 0.0) / cum[-1]), float(cum[i] / cum[-1])
+    return float(lo[i]), float(hi[i])

@@ -29,7 +29,7 @@ from typing import Sequence, TextIO
 
 import numpy as np
 
-from . import api, sampling
+from . import api, logprobs, sampling
 from .types import InferencingParams
 
 
@@ -90,8 +90,7 @@ class Trace:
 
 
 def _top(llm, values: np.ndarray, n: int, marked: set[int] = frozenset()) -> list[Candidate]:  # [V] -> n
-    order = np.argsort(-np.asarray(values, dtype=np.float64), kind="stable")[:n]
-    return [Candidate(int(i), llm.decode([int(i)]), float(values[i]), int(i) in marked) for i in order]
+    return [Candidate(i, llm.decode([i]), float(values[i]), i in marked) for i, _ in logprobs.top_n(values, n)]
 
 
 def trace_step(llm, index: int, logits: np.ndarray, ids: Sequence[int], params: InferencingParams, u, token: int,
@@ -100,7 +99,7 @@ def trace_step(llm, index: int, logits: np.ndarray, ids: Sequence[int], params: 
     z = np.asarray(logits, dtype=np.float32)  # [V]
     rp, last_n = params.repeat_penalty, params.repeat_penalty_last_n_token_count
     zp = sampling.apply_repeat_penalty(z, ids, rp, last_n)  # 1. [V]
-    window = sorted(set(int(t) for t in ids[-last_n:])) if (rp != 1.0 and last_n > 0 and len(ids)) else []
+    window = logprobs.penalty_window(ids, rp, last_n).tolist()  # the distinct ids penalised
     step = TraceStep(index, int(token), llm.decode([int(token)]), u, _top(llm, z, top),
                      _top(llm, zp, top, set(window)), window, greedy=not sampling.needs_draw(params))
     step.penalty_changes = [(c.id, c.text, float(z[c.id]), float(zp[c.id])) for c in step.logits if c.id in set(window)]
@@ -114,12 +113,11 @@ def trace_step(llm, index: int, logits: np.ndarray, ids: Sequence[int], params: 
         step.top_k_kept, step.top_k_mass = len(ids_k), float(np.cumsum(p_k)[-1])
         ids_p, p_p = sampling.top_p_filter(ids_k, p_k, params.top_p)  # 5. [K']
         step.top_p_kept, step.top_p_mass = len(ids_p), float(np.cumsum(p_p)[-1])
-        cum = np.cumsum(p_p)  # [K']
-        W = cum[-1]
+        lo, hi = logprobs.u_intervals(p_p)  # [K'], [K']
+        W = np.cumsum(p_p)[-1]
         for i in range(min(top, len(ids_p))):
-            lo = cum[i - 1] / W if i else 0.0
             step.candidates.append(Kept(int(ids_p[i]), llm.decode([int(ids_p[i])]), float(p_p[i]), float(p_p[i] / W),
-                                        float(lo), float(cum[i] / W)))
+                                        float(lo[i]), float(hi[i])))
         chosen = sampling.draw(ids_p, p_p, u)  # 6.
     if chosen != token:
         raise AssertionError(f"step {index}: the pipeline picks {chosen}, infer picked {token}")
