@@ -184,10 +184,10 @@ class Llama:
         `refllm.backend.resolve_backend` ("numpy" here; "triton" on CUDA). `model_dir`
         may also be a `.gguf` file, converted once (`refllm.weights.pull.local_model_dir`).
 
-        `widen_on_use`: keep bfloat16/float16 matrices in the mapped file and widen each
-        to `dtype` when a layer uses it (`refllm.half_weights`: a 7B model in 13.5 GB + ~1.5
-        GB instead of 27 GB, at ~3x the memory traffic a token). None chooses it when the
-        copy in `dtype` would not fit in the memory available.
+        `widen_on_use`: keep bfloat16/float16 matrices in the mapped file and widen them
+        to `dtype` a block of rows at a time as a layer multiplies by them
+        (`refllm.half_weights`: a 7B model in its 13.5 GB + ~0.6 GB instead of 27 GB).
+        None chooses it when the copy in `dtype` would not fit in the memory available.
         """
         from .backend import resolve_backend
 

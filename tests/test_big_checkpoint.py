@@ -81,18 +81,63 @@ def test_widened_model_matches_transformers(half_dir):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_widened_layers_share_scratch_and_copy_no_matrix(half_dir):
-    """The layers' matrices are the file's bytes; every layer widens into one buffer per kind."""
+def test_widened_layers_copy_no_matrix(half_dir):
+    """The layers' matrices are the file's bytes; a forward pass widens them into one small
+    scratch buffer of the thread's, never into a whole float32 matrix."""
+    from refllm import half_weights
+
     model = Llama.from_pretrained(half_dir, widen_on_use=True)
-    first, second = model.layers
-    for part in (*first.qkv_parts, first.o_part, *first.gate_up_parts, first.down_part):
-        bits = part.bits if isinstance(part, BFloat16) else part
-        assert not bits.flags.owndata and not bits.flags.writeable  # a read-only view of the mapping
-    assert np.shares_memory(first.qkv_proj, second.qkv_proj)
-    assert np.shares_memory(first.gate_up_proj, second.gate_up_proj)
-    assert not np.shares_memory(first.o_proj, first.down_proj)  # a layer's kinds never alias
+    for layer in model.layers:
+        for matrix in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+            for part in matrix.parts:
+                bits = part.bits if isinstance(part, BFloat16) else part
+                assert not bits.flags.owndata and not bits.flags.writeable  # a read-only view of the mapping
+    half_weights._scratch.__dict__.clear()
+    model(PROMPT)
+    assert half_weights._scratch.buf.nbytes <= half_weights.BLOCK_BYTES
     # The embedding stays mapped too (looked up by rows); the head is a float32 copy.
     assert isinstance(model.embed_tokens, (BFloat16, np.ndarray)) and model.lm_head.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("half", ["bfloat16", "float16"])
+def test_half_matrix_products_equal_the_widened_matrix(half, dtype, monkeypatch):
+    """W @ x, np.matmul(W, x, out=), X @ W.T over blocks of rows (small blocks here, so that
+    every part is cut, unevenly) equal the products with the whole matrix in `dtype`."""
+    import torch
+
+    from refllm import half_weights
+    from refllm.half_weights import HalfMatrix
+
+    monkeypatch.setattr(half_weights, "BLOCK_BYTES", 7 * 24 * np.dtype(dtype).itemsize)  # 7 rows of 24
+    rng = np.random.default_rng(0)
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[half]
+    parts_t = [torch.tensor(rng.standard_normal((n, 24)), dtype=torch_dtype) for n in (10, 3, 16)]
+    if half == "bfloat16":
+        parts = [BFloat16(t.view(torch.int16).numpy().view(np.uint16)) for t in parts_t]
+    else:
+        parts = [t.numpy() for t in parts_t]
+    full = torch.cat(parts_t).to(torch.float64).numpy().astype(dtype)  # [29, 24]
+    W = HalfMatrix(parts, dtype)
+    assert W.shape == (29, 24) and W.T.shape == (24, 29)
+    np.testing.assert_array_equal(np.asarray(W), full)
+    x, X, V = (rng.standard_normal(s).astype(dtype) for s in ((24,), (5, 24), (24, 3)))
+    eps = 1e-6 if dtype == np.float32 else 1e-14  # BLAS may sum in another order
+
+    def close(ours, expected):
+        np.testing.assert_allclose(ours, expected, rtol=eps, atol=eps * np.abs(expected).max())
+
+    close(W @ x, full @ x)
+    close(W @ V, full @ V)
+    close(X @ W.T, X @ full.T)
+    out = np.empty(29, dtype)
+    assert np.matmul(W, x, out=out) is out
+    close(out, full @ x)
+    out = np.empty((5, 29), dtype)
+    np.matmul(X, W.T, out=out)
+    close(out, X @ full.T)
+    with pytest.raises(TypeError):
+        np.add(W, 1)  # only products are defined
 
 
 def test_automatic_choice_follows_available_memory(half_dir, tmp_path):
