@@ -304,3 +304,143 @@ def test_generation_stops_at_generation_config_eos_as_transformers(llama3_dir, t
     assert gen.finish_reason == "eos"
     for step, hf in zip(gen.steps, logits):
         np.testing.assert_allclose(step.logits, hf, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------ 6. GGUF tokenizers
+
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # gguf.TokenType
+
+
+def write_tiny_gguf(path, tok, extra_tokens=(), pre="llama-bpe", kv=(), tensors=()):
+    """A 1-layer Llama GGUF (GGUFWriter) whose tokenizer is the byte-level BPE `tok`, plus
+    `extra_tokens` [(text, type)] appended to the vocabulary; `pre` None leaves out
+    tokenizer.ggml.pre. Returns the ids of the extra tokens."""
+    import json
+
+    import gguf
+
+    spec = json.loads(tok.to_str())
+    vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+    added = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    tokens = [t for t, _ in vocab] + [t for t in added if t not in spec["model"]["vocab"]]
+    types = [CONTROL if t in added else NORMAL for t in tokens]
+    ids = {}
+    for text, kind in extra_tokens:
+        ids[text] = len(tokens)
+        tokens.append(text)
+        types.append(kind)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    D, F, NH, V = 16, 24, 2, len(tokens)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, value in [("embedding_length", D), ("feed_forward_length", F), ("block_count", 1), ("context_length", 64),
+                        ("attention.head_count", NH), ("attention.head_count_kv", NH), ("rope.dimension_count", D // NH)]:
+        w.add_uint32(f"llama.{name}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_tokenizer_model("gpt2")
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokens.index("<|begin_of_text|>"))
+    w.add_eos_token_id(tokens.index("<|end_of_text|>"))
+    for key, value in kv:
+        w.add_uint32(key, value)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (V, D), "output_norm.weight": (D,), "output.weight": (V, D),
+              "blk.0.attn_norm.weight": (D,), "blk.0.ffn_norm.weight": (D,), "blk.0.attn_q.weight": (D, D),
+              "blk.0.attn_k.weight": (D, D), "blk.0.attn_v.weight": (D, D), "blk.0.attn_output.weight": (D, D),
+              "blk.0.ffn_gate.weight": (F, D), "blk.0.ffn_up.weight": (F, D), "blk.0.ffn_down.weight": (D, F)}
+    for name, shape in list(shapes.items()) + list(tensors):
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return ids
+
+
+def gguf_meta(path):
+    from gguf import GGUFReader
+
+    from refllm.weights.gguf_to_hf import read_metadata
+
+    return read_metadata(GGUFReader(str(path)))
+
+
+DEFAULT_SPLITS = (  # llama.cpp src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_DEFAULT
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+)
+
+
+def llama_cpp_default_split(text):
+    """llama.cpp's `unicode_regex_split` with the default chain, in Python's `regex`: each
+    expression splits every piece into its matches and the text between them."""
+    import regex
+
+    pieces = [text]
+    for expr in DEFAULT_SPLITS:
+        out = []
+        for piece in pieces:
+            at = 0
+            for m in regex.finditer(expr, piece):
+                out += [piece[at : m.start()]] if m.start() > at else []
+                out.append(m.group())
+                at = m.end()
+            out += [piece[at:]] if at < len(piece) else []
+        pieces = out
+    return pieces
+
+
+@pytest.mark.parametrize("pre", ["default", None])
+def test_gguf_default_pre_tokenizer_is_llama_cpp_default_chain(pre, tmp_path):
+    """tokenizer.ggml.pre "default" (or none) is llama.cpp's chain of four regexes, not GPT-2's split."""
+    from refllm.weights.gguf_tokenizer import _bytes_to_unicode, build_tokenizer
+
+    write_tiny_gguf(tmp_path / "m.gguf", llama3_tokenizer(), pre=pre)
+    tok = build_tokenizer(gguf_meta(tmp_path / "m.gguf"))
+    to_char = _bytes_to_unicode()
+    for text in TEXTS + ["Hello, world!!! 1234567 $x+y<=z^2 ~|pipe... it's (ok)?", "a1b22c333d4444  end"]:
+        got = [piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
+        expected = ["".join(to_char[b] for b in p.encode()) for p in llama_cpp_default_split(text)]
+        assert got == expected, text
+
+
+def test_gguf_control_and_user_defined_tokens_kept_whatever_their_spelling(tmp_path):
+    """A CONTROL token with a space stays special; a USER_DEFINED one outside the
+    byte-level spelling stays a token of its own (llama.cpp matches both whole)."""
+    from refllm.weights.gguf_tokenizer import build_tokenizer
+
+    ids = write_tiny_gguf(tmp_path / "m.gguf", llama3_tokenizer(),
+                          extra_tokens=[("<|im start|>", CONTROL), ("<tool call>", USER_DEFINED), ("<|tab|>", USER_DEFINED)])
+    tok = build_tokenizer(gguf_meta(tmp_path / "m.gguf"))
+    enc = tok.encode("Hi<|im start|>the <tool call> and <|tab|>", add_special_tokens=False).ids
+    for t in ("<|im start|>", "<tool call>", "<|tab|>"):
+        assert ids[t] in enc, t
+    assert tok.decode(enc, skip_special_tokens=True) == "Hithe <tool call> and <|tab|>"
+    assert tok.decode(enc, skip_special_tokens=False) == "Hi<|im start|>the <tool call> and <|tab|>"
+
+
+def test_gguf_eot_token_ends_generation(tmp_path):
+    """tokenizer.ggml.eot_token_id joins the EOS in generation_config.json."""
+    from refllm.weights.gguf_to_hf import convert
+
+    tok = llama3_tokenizer()
+    write_tiny_gguf(tmp_path / "m.gguf", tok, kv=[("tokenizer.ggml.eot_token_id", tok.token_to_id("<|eot_id|>"))])
+    (tmp_path / "out").mkdir()
+    convert(tmp_path / "m.gguf", tmp_path / "out")
+    assert loaded(tmp_path / "out").eos_token_ids == {tok.token_to_id("<|end_of_text|>"), tok.token_to_id("<|eot_id|>")}
+
+
+def test_gguf_llama31_rope_freqs_is_a_clear_error(tmp_path):
+    from refllm.errors import LLMRuntimeError
+    from refllm.weights.gguf_to_hf import convert
+
+    write_tiny_gguf(tmp_path / "m.gguf", llama3_tokenizer(), tensors=[("rope_freqs.weight", (4,))])
+    (tmp_path / "out").mkdir()
+    with pytest.raises(LLMRuntimeError, match="llama3 RoPE scaling from a GGUF is not supported"):
+        convert(tmp_path / "m.gguf", tmp_path / "out")

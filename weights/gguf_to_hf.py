@@ -51,7 +51,7 @@ import numpy as np
 from refllm.errors import LLMRuntimeError
 
 # The tokenizer has a module of its own; its names stay importable from here.
-from .gguf_tokenizer import CONTROL, USER_DEFINED, build_tokenizer, pre_tokenizer, tokenizer_config  # noqa: F401
+from .gguf_tokenizer import CONTROL, USER_DEFINED, build_tokenizer, eos_token_ids, pre_tokenizer, tokenizer_config  # noqa: F401
 
 # ---------------------------------------------------------------------------------------
 # Reading the GGUF
@@ -89,6 +89,10 @@ def llama_config(meta: dict, tensor_names: set[str]) -> dict:
         if value is None:
             raise LLMRuntimeError(f"GGUF metadata lacks 'llama.{name}'")
         return value
+
+    if "rope_freqs.weight" in tensor_names:  # Llama 3.1+: the scaled frequencies as a tensor
+        raise LLMRuntimeError("llama3 RoPE scaling from a GGUF is not supported (the file has rope_freqs.weight); "
+                              "use the model's Hugging Face directory")
 
     hidden_size = int(key("embedding_length"))
     n_head = int(key("attention.head_count"))
@@ -282,4 +286,6 @@ def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress: 
     tokenizer.save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", tokenizer_config(meta, config["max_position_embeddings"]))
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    if eos_token_ids(meta) is not None:
+        generation["eos_token_id"] = eos_token_ids(meta)  # with <|eot_id|>, as transformers' generate reads it
     _write_json(out / "generation_config.json", generation)

@@ -19,7 +19,18 @@ from refllm.errors import LLMRuntimeError
 
 # llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp), by `tokenizer.ggml.pre`.
 # GPT-2's split is exactly the regex of tokenizers' ByteLevel(use_regex=True).
-_GPT2_FAMILY = {"gpt2", "default", "mpt", "olmo", "jais"}
+_GPT2_FAMILY = {"gpt2", "mpt", "olmo", "jais"}
+# "default", and a file without `tokenizer.ggml.pre` (llama.cpp then warns "GENERATION
+# QUALITY WILL BE DEGRADED" and uses "default"): four regexes applied in turn, each
+# splitting the pieces the previous one left, matches and the text between them alike
+# (`unicode_regex_split`): punctuation runs, then GPT-2's split, then digit runs, then
+# three-digit groups.
+_DEFAULT_SPLITS = (
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+)
 # "smollm" (and starcoder, refact, command-r, codeshell, exaone) first cut every digit
 # out on its own (`\p{N}`), then apply GPT-2's split: Digits(individual) + ByteLevel,
 # which is also how SmolLM2's own tokenizer.json is built.
@@ -38,6 +49,10 @@ def pre_tokenizer(pre: str, add_prefix_space: bool = False):
     from tokenizers import Regex, pre_tokenizers
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, trim_offsets=True, use_regex=True)
+    if pre == "default":
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _DEFAULT_SPLITS]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, trim_offsets=True, use_regex=False)])
     if pre in _GPT2_FAMILY:
         return byte_level
     if pre in _DIGITS_THEN_GPT2:
@@ -82,7 +97,11 @@ def build_tokenizer(meta: dict):
     byte_to_char = _bytes_to_unicode()
     alphabet = set(byte_to_char.values())
 
-    vocab = {_byte_level_spelling(t, alphabet, byte_to_char): i for i, t in enumerate(tokens)}
+    # CONTROL and USER_DEFINED tokens are plain text (llama.cpp matches them whole in the
+    # raw input and prints them as they are; its converter writes added tokens decoded),
+    # every other token is spelled in the byte-level alphabet.
+    raw = {i for i, k in enumerate(types) if k in (CONTROL, USER_DEFINED)}
+    vocab = {(t if i in raw else _byte_level_spelling(t, alphabet, byte_to_char)): i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise LLMRuntimeError("GGUF vocabulary has duplicate tokens")
     merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
@@ -93,12 +112,12 @@ def build_tokenizer(meta: dict):
     tok.decoder = decoders.ByteLevel()
 
     # CONTROL tokens are special (matched whole, skipped when decoding with
-    # skip_special_tokens); USER_DEFINED ones are matched whole but are text. A CONTROL
-    # token outside the byte-level alphabet is a llama.cpp mislabel (as transformers notes).
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, k in zip(tokens, types) if k == CONTROL and set(t) <= alphabet])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab])
+    # skip_special_tokens), whatever their spelling (`<|im start|>` has a space: it is
+    # still a control token to llama.cpp); USER_DEFINED ones are matched whole but are
+    # text. (The ByteLevel decoder maps a Latin-1 letter of such a token, `é`, to its
+    # byte: a user-defined "café" decodes wrong. llama.cpp prints it as it is.)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
 
     # BOS/EOS are added by the post-processor only if the file asks for it (SmolLM2: neither).
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
@@ -110,7 +129,8 @@ def build_tokenizer(meta: dict):
         post_a = f" {eos}:0" if eos else ""
         pre_b = f" {bos}:1" if bos else ""
         post_b = f" {eos}:1" if eos else ""
-        specials = [(t, vocab[t]) for t in dict.fromkeys(x for x in (bos, eos) if x)]
+        ids = {bos: meta.get("tokenizer.ggml.bos_token_id"), eos: meta.get("tokenizer.ggml.eos_token_id")}
+        specials = [(t, int(ids[t])) for t in dict.fromkeys(x for x in (bos, eos) if x)]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{pre_a}$A:0{post_a}", pair=f"{pre_a}$A:0{post_a}{pre_b} $B:1{post_b}", special_tokens=specials)
     else:
@@ -142,3 +162,12 @@ def tokenizer_config(meta: dict, max_length: int) -> dict:
     if meta.get("tokenizer.chat_template"):
         config["chat_template"] = meta["tokenizer.chat_template"]
     return config
+
+
+def eos_token_ids(meta: dict) -> int | list[int] | None:
+    """generation_config.json's eos_token_id: the EOS, and the end-of-turn and
+    end-of-message tokens llama.cpp also ends a generation at (`tokenizer.ggml.eot_token_id`,
+    `eom_token_id`; Llama-3-Instruct's <|eot_id|>, Llama 3.1's <|eom_id|>)."""
+    keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+    ids = list(dict.fromkeys(int(meta[k]) for k in keys if meta.get(k) is not None))
+    return None if not ids else ids[0] if len(ids) == 1 else ids
