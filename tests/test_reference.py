@@ -1,7 +1,7 @@
 """The plain reference path (refllm.reference) as the second opinion on the fast path.
 
 - The fast path against the reference, same weights: `refllm.Llama.__call__`,
-  `Llama.decode` with its cache, and `refllm.Bert`, on the tiny random configs (MHA,
+  `Llama.decode` with its cache, `Llama.decode_batch`, and `refllm.Bert`, on the tiny random configs (MHA,
   GQA, tied and untied heads, an odd head_dim, linear and llama3 RoPE; BERT's odd
   sizes and GELU spellings): max |difference| <= 1e-10 in float64, <= 1e-4 in float32.
 - The reference against transformers on the same tiny configs, and on the Llama-family
@@ -116,6 +116,29 @@ def test_llama_cached_decoding_matches_the_reference(tiny_llama, dtype):
     assert max_diff(np.stack(steps), full[9:]) <= TOL[dtype] / 10
     with pytest.raises(ValueError, match="KV cache full"):
         ref(ids[:9], rc)
+
+
+@pytest.mark.parametrize("mode", ["invariant", "throughput"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_llama_decode_batch_matches_the_reference(tiny_llama, dtype, mode):
+    """Llama.decode_batch (continuous batching): three sequences at different positions,
+    stepped together, against the reference decoding each alone."""
+    name, d = tiny_llama
+    V = TINY_CONFIGS[name]["vocab_size"]
+    fast, ref = refllm.Llama.from_pretrained(d, dtype=dtype), reference.Llama.from_pretrained(d, dtype=dtype)
+    rng = np.random.default_rng(5)
+    prompts = [list(rng.integers(0, V, size=n)) for n in (3, 9, 1)]
+    fcs, rcs = [fast.new_cache(32) for _ in prompts], [ref.new_cache(32) for _ in prompts]
+    for p, fc, rc in zip(prompts, fcs, rcs):
+        fast(p, fc), ref(p, rc)
+    worst = 0.0
+    for _ in range(6):
+        tokens = [int(t) for t in rng.integers(0, V, size=len(prompts))]
+        batch = fast.decode_batch(tokens, fcs, mode=mode)  # [B, V]
+        alone = np.stack([ref.decode(t, rc) for t, rc in zip(tokens, rcs)])  # [B, V]
+        worst = max(worst, max_diff(batch, alone))
+    print(f"{name} {np.dtype(dtype).name} {mode}: max |dlogit| decode_batch vs reference = {worst:.3g}")
+    assert worst <= TOL[dtype]
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
