@@ -124,22 +124,25 @@ def params_from_args(args):
     )
 
 
-def _common(p):
+def _common(p, results: bool = True):
+    """The flags of the commands that run a model; `results`: those that print a WIT result."""
     g = p.add_argument_group("model and output")
     g.add_argument("--models-dir", metavar="DIR",
                    help="the models root (default: $REFLLM_MODELS_DIR, ./.spin/ai-models, the user cache)")
     g.add_argument("--backend", choices=["numpy", "triton"], help="compute backend (default: triton with CUDA, else numpy)")
     g.add_argument("--precision", choices=["float32", "float64"], default="float32", help="(default: float32)")
-    g.add_argument("--profile", choices=["spec", "spin"], default="spec", help="spin: reproduce Spin 3's engine (default: spec)")
-    g.add_argument("--json", action="store_true", help="print the WIT result as JSON")
+    if results:
+        g.add_argument("--profile", choices=["spec", "spin"], default="spec",
+                       help="spin: reproduce Spin 3's engine (default: spec)")
+        g.add_argument("--json", action="store_true", help="print the WIT result as JSON")
     g.add_argument("--no-pull", action="store_true", help="do not pull a missing default model")
     g.add_argument("-t", "--threads", type=_positive, metavar="N", help="BLAS threads (default: the BLAS's own, one a core)")
     g.add_argument("-v", "--verbose", action="store_true", help="timings on stderr: load, prompt and generation tokens/s")
 
 
-def _generation_flags(p):
+def _generation_flags(p, results: bool = True):
     """The flags `infer` and `chat` share beside the sampling ones."""
-    p.add_argument("-m", "--model", default=DEFAULT_LLM, help=f"(default: {DEFAULT_LLM})")
+    p.add_argument("-m", "--model", default=DEFAULT_LLM, help=f"the text-generation model (default: {DEFAULT_LLM})")
     add_param_flags(p)
     g = p.add_argument_group("generation")
     g.add_argument("-s", "--seed", type=_u64, help="sampling seed (default: random, printed with --json)")
@@ -147,7 +150,7 @@ def _generation_flags(p):
     g.add_argument("--system", help="a system message for the chat template")
     g.add_argument("-c", "--ctx-size", type=_positive, metavar="N",
                    help="context length in tokens, prompt and answer together (default: the model's)")
-    _common(p)
+    _common(p, results)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,12 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="An interactive chat: each answer sees the whole conversation, rendered with "
                                    "the model's chat template. /exit or Ctrl-D leaves, /clear forgets, "
                                    "Ctrl-C stops an answer.")
-    _generation_flags(p)
+    _generation_flags(p, results=False)
 
     p = sub.add_parser("embed", help="compute sentence embeddings", epilog=EXIT_HELP)
     p.add_argument("texts", nargs="*", help="texts to embed (default: one per line on stdin)")
     p.add_argument("-f", "--file", metavar="FILE", help="embed each line of FILE ('-': stdin)")
-    p.add_argument("-m", "--model", default=DEFAULT_EMBEDDING, help=f"(default: {DEFAULT_EMBEDDING})")
+    p.add_argument("-m", "--model", default=DEFAULT_EMBEDDING, help=f"the embedding model (default: {DEFAULT_EMBEDDING})")
     _common(p)
 
     try:
