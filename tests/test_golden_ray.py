@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,6 +57,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def ray_env() -> dict:
+    """The environment of every Ray process of the test: token authentication (Ray's
+    default for local clusters from 2.59) with a token of the test's own, so that neither
+    ~/.ray/auth_token nor the user's RAY_* settings change what runs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
+
+
+TOKEN = secrets.token_hex(32)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """`ray start --head --block` on 127.0.0.1 with 2 CPUs; its address. Stopped after."""
@@ -62,18 +75,20 @@ def ray_cluster(tmp_path_factory):
     ray_bin = Path(sys.executable).with_name("ray")
     port = _free_port()
     temp = Path(f"/tmp/rg{os.getpid()}")  # short: Ray's socket paths are length-limited
+    log = tmp_path_factory.mktemp("ray") / "ray-start.log"
     proc = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                              "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
                              "--object-store-memory", str(100 * 2**20), "--temp-dir", str(temp),
                              "--disable-usage-stats"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True, env=ray_env())
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:  # ready once a client can connect
             if proc.poll() is not None:
-                pytest.fail(f"ray start exited {proc.returncode}: {proc.stdout.read().decode()[-2000:]}")
-            r = subprocess.run([str(ray_bin), "status", "--address", address], capture_output=True, text=True)
+                pytest.fail(f"ray start exited {proc.returncode}: {log.read_text(errors='replace')[-2000:]}")
+            r = subprocess.run([str(ray_bin), "status", "--address", address], capture_output=True, text=True,
+                               env=ray_env())
             if r.returncode == 0:
                 break
             if time.monotonic() > deadline:
@@ -87,6 +102,7 @@ def ray_cluster(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_output_is_byte_identical(ray_cluster, tmp_path, minilm_dir):
@@ -98,7 +114,7 @@ def test_ray_output_is_byte_identical(ray_cluster, tmp_path, minilm_dir):
     lines = single.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 1 + 50
 
-    env = {**os.environ, "REFLLM_DEBUG": "1"}
+    env = {**ray_env(), "REFLLM_DEBUG": "1"}
     r = subprocess.run([sys.executable, "-m", "refllm.cli", "golden", "--model", str(model), "--suite", str(suite),
                         "--embedding-model", str(minilm_dir), "--out", str(tmp_path / "ray"),
                         "--ray", ray_cluster, "--workers", "2"], capture_output=True, text=True, env=env,

@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from refllm import cli
-from refllm.golden import (SUITE_SCHEMA, Models, SuiteError, load_golden, load_suite, manifest_sha256, write_golden)
+from refllm.golden import SUITE_SCHEMA, Models, SuiteError, load_golden, load_suite, manifest_sha256
 from tests.tiny_models import CHAT_TEMPLATE, make_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
@@ -363,3 +364,32 @@ def test_models_from_paths_names(tiny_hf, tiny_gguf):
     assert Models.from_paths(tiny_gguf, llm_name="llama2-chat").llm_name == "llama2-chat"
     m = Models.from_paths(tiny_hf)
     assert m.sources[0].sha256() == manifest_sha256(m.sources[0].files())
+
+
+def test_core_path_does_not_import_ray(tiny_hf, tmp_path):
+    suite = _write_suite(tmp_path / "s.jsonl", USER_SUITE[:1])
+    code = ("import sys\n"
+            "from refllm import cli\n"
+            f"assert cli.main(['golden', '--model', {str(tiny_hf)!r}, '--suite', {str(suite)!r}, "
+            f"'--out', {str(tmp_path / 'o')!r}, '--quiet']) == 0\n"
+            "assert 'ray' not in sys.modules, 'the NumPy path imported ray'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert load_golden(tmp_path / "o").cases[0]["name"] == "greedy-0"
+
+
+def test_ray_fingerprint_names_what_differs(tiny_hf, tmp_path):
+    """What each Ray actor must share with the driver: refllm's computing code and the
+    model files' sha256s (refllm.golden.fanout; the actors compare without Ray here)."""
+    import shutil
+
+    from refllm.golden import fanout
+
+    copy = tmp_path / "tiny-hf"
+    shutil.copytree(tiny_hf, copy)
+    want = fanout.fingerprint(Models.from_paths(tiny_hf), ["tiny-hf"])
+    assert fanout.fingerprint(Models.from_paths(copy), ["tiny-hf"]) == want
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    got = fanout.fingerprint(Models.from_paths(copy), ["tiny-hf"])
+    assert got["code"] == want["code"] and got["models"] != want["models"]
+    assert fanout._diff(want, got).startswith("tiny-hf: ")

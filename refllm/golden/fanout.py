@@ -1,6 +1,6 @@
 """A golden set's cases spread over a Ray cluster: the same file, byte for byte.
 
-    lines = run_on_ray(specs, models, "10.0.0.1:6379", workers=8, threads=1)
+    lines, facts = run_on_ray(specs, models, "10.0.0.1:6379", workers=8, threads=1)
     refllm golden --model ckpt/ --suite cases.jsonl --out DIR --ray 10.0.0.1:6379
 
 Golden generation is embarrassingly parallel across cases: each case depends only on
@@ -58,6 +58,10 @@ class GoldenWorker:
     def fingerprint(self) -> tuple[str, dict]:
         return self.host, fingerprint(self.models, self.names)
 
+    def decoder_facts(self) -> dict:
+        """The header's facts of each decoder, from the model this actor holds."""
+        return {n: self.models.decoder_facts(n) for n in sorted(set(self.names)) if self.models.kind(n) == "llama"}
+
     def run(self, spec: CaseSpec) -> str:
         with blas_threads(self.threads):
             return dumps(record(spec, self.models))
@@ -67,8 +71,9 @@ class GoldenWorker:
 
 
 def run_on_ray(specs: Sequence[CaseSpec], models: Models, address: str | None = None, *, workers: int | None = None,
-               threads: int = 1, progress: bool = False) -> list[str]:
-    """Every case's golden line, in suite order, computed by `workers` Ray actors.
+               threads: int = 1, progress: bool = False) -> tuple[list[str], dict]:
+    """Every case's golden line, in suite order, computed by `workers` Ray actors, and
+    the decoders' facts for the header (`Models.decoder_facts`, from an actor).
 
     `address`: a running cluster's (``host:port``, ``ray://host:10001`` or ``auto``);
     None starts a local one unless RAY_ADDRESS names one. `workers` defaults to the
@@ -99,6 +104,7 @@ def run_on_ray(specs: Sequence[CaseSpec], models: Models, address: str | None = 
                 what = "refllm" if got["code"] != want["code"] else "model files"
                 raise RuntimeError(f"the Ray worker on {host} has other {what} than this machine: "
                                    f"{_diff(want, got)}; install the same refllm and give every node the same model")
+        (facts,) = _get(ray, [actors[0].decoder_facts.remote()])
         if progress:
             print(f"golden: {workers} Ray workers ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         lines: list[str | None] = [None] * len(specs)
@@ -121,7 +127,7 @@ def run_on_ray(specs: Sequence[CaseSpec], models: Models, address: str | None = 
             done_count += 1
             if progress:
                 print(f"golden: [{done_count}/{len(specs)}] {specs[i].name}", file=sys.stderr)
-        return lines
+        return lines, facts
     finally:
         try:
             ray.get([a.close.remote() for a in actors], timeout=60)

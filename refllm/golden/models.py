@@ -185,8 +185,10 @@ class Models:
                 return s
         return Source(name, self.kind(name), str(self.dir(name)))  # a model in the models root
 
-    def header(self, names) -> dict:
-        """The header's "models" object for the models `names` (those of this run only)."""
+    def header(self, names, decoder_facts=None) -> dict:
+        """The header's "models" object for the models `names` (those of this run only).
+        `decoder_facts(name)`: where the decoders' facts come from (default: this
+        process's loaded model; a Ray run asks an actor, so the driver loads no weights)."""
         out = {}
         for name in sorted(n for n in set(names) if self.kind(n) is not None):
             src = self.source(name)
@@ -195,11 +197,16 @@ class Models:
                      "sha256": src.sha256(),
                      "files": files, "tokenizer": f"tokenizers/{name}.json"}
             if src.kind == "llama":
-                llm = self.llm(name)
-                entry.update(eos_token_ids=sorted(llm.eos_token_ids), vocab_size=int(llm.model.config.vocab_size),
-                             context_length=int(llm.context_length))
+                entry.update((decoder_facts or self.decoder_facts)(name))
             out[name] = entry
         return out
+
+    def decoder_facts(self, name: str) -> dict:
+        """What the header says of a decoder beside its files: EOS ids, vocabulary size and
+        context length, as the loaded model has them."""
+        llm = self.llm(name)
+        return {"eos_token_ids": sorted(llm.eos_token_ids), "vocab_size": int(llm.model.config.vocab_size),
+                "context_length": int(llm.context_length)}
 
     def tokenizer_file(self, name: str) -> Path:
         return self.dir(name) / "tokenizer.json"

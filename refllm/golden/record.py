@@ -19,7 +19,6 @@ that `refllm conform` and `refllm trace` use too.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import numpy as np
 

@@ -49,7 +49,8 @@ def blas_threads(n: int):
         yield
 
 
-def build_header(models: Models, specs: Sequence[CaseSpec], suite: Path | None, threads: int) -> dict:
+def build_header(models: Models, specs: Sequence[CaseSpec], suite: Path | None, threads: int,
+                 decoder_facts=None) -> dict:
     from .models import sha256_file
 
     if suite is None:
@@ -59,7 +60,7 @@ def build_header(models: Models, specs: Sequence[CaseSpec], suite: Path | None, 
     return {"format": FORMAT, "format_version": FORMAT_VERSION, **about, "cases": [s.name for s in specs],
             "refllm_version": __version__, "spec_version": SPEC_VERSION, "precision": PRECISION,
             "backend": BACKEND, "blas_threads": threads, "top_n": TOP_N, "rng": RNG,
-            "models": models.header(s.model for s in specs)}
+            "models": models.header((s.model for s in specs), decoder_facts)}
 
 
 def suite_specs(models: Models, suite=None, cases: Iterable[str] | None = None) -> list[CaseSpec]:
@@ -111,15 +112,16 @@ def write_golden(out_dir, models_root=None, *, cases: Iterable[str] | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     with models:
-        with blas_threads(threads):
-            header = build_header(models, specs, suite, threads)
         if ray is None or ray is False:
+            with blas_threads(threads):
+                header = build_header(models, specs, suite, threads)  # loads the models, before any case
             lines = run_local(specs, models, threads, progress)
         else:
             from .fanout import run_on_ray
 
-            lines = run_on_ray(specs, models, None if ray is True else ray, workers=workers, threads=threads,
-                               progress=progress)
+            lines, facts = run_on_ray(specs, models, None if ray is True else ray, workers=workers,
+                                      threads=threads, progress=progress)
+            header = build_header(models, specs, suite, threads, facts.__getitem__)
         (out_dir / "tokenizers").mkdir(exist_ok=True)
         for name in header["models"]:
             shutil.copyfile(models.tokenizer_file(name), out_dir / "tokenizers" / f"{name}.json")
