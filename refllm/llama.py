@@ -150,6 +150,26 @@ class KVCache:
         self.pos = 0
 
 
+DECODE_BATCH_MODES = ("invariant", "throughput")  # see Llama.decode_batch
+
+
+def check_batch(config: LlamaConfig, tokens, caches, mode: str):  # -> (list of int, list of caches)
+    """The arguments of a `decode_batch`, checked before any cache is written, so that
+    a bad batch leaves every sequence as it was (ValueError naming the fault)."""
+    if mode not in DECODE_BATCH_MODES:
+        raise ValueError(f"unknown decode_batch mode {mode!r}; choose one of {', '.join(DECODE_BATCH_MODES)}")
+    tokens, caches = [int(t) for t in tokens], list(caches)
+    if len(tokens) != len(caches):
+        raise ValueError(f"{len(tokens)} tokens for {len(caches)} caches")
+    if len({id(cache) for cache in caches}) != len(caches):
+        raise ValueError("a cache appears twice in the batch: each sequence needs its own")
+    for token, cache in zip(tokens, caches):
+        if not 0 <= token < config.vocab_size:
+            raise ValueError(f"token id out of range [0, {config.vocab_size})")
+        cache.check_room(1)
+    return tokens, caches
+
+
 class Llama:
     """A Llama-family causal language model.
 
@@ -158,6 +178,7 @@ class Llama:
     >>> cache = model.new_cache(64)
     >>> last = model([1, 2, 3], cache, last_only=True)   # [1, V], the cache holds 3 positions
     >>> nxt = model.decode(7, cache)                      # [V], position 3, one token at a time
+    >>> rows = model.decode_batch([7, 9], [cache, other])  # [2, V], each row as decode gives it
     """
 
     backend = "numpy"
@@ -334,7 +355,123 @@ class Llama:
             act *= b.gate_up[F:]
             h += np.matmul(layer.down_proj, act, out=b.out)  # [D]
         cache.advance(1)
-        return self.lm_head @ ops.rms_norm_row(h, self.norm, eps, out=b.x)  # [V], a new array
+        logits = np.empty((1, c.vocab_size), dtype=self.dtype)  # [1, V]
+        return self.head_rows([ops.rms_norm_row(h, self.norm, eps, out=b.x)], logits)[0]  # [V], by blocks of rows
+
+    # ---------------------------------------------------------------- many sequences
+
+    def decode_batch(self, tokens, caches, mode: str = "invariant"):  # [B] -> [B, V]
+        """One step for B sequences at once: the logits of `tokens[b]` at position
+        `caches[b].pos` of its own cache, each cache advanced by one.
+
+        The sequences may sit at any positions and come and go between steps (a
+        continuous-batching scheduler calls this with whichever are live). Two modes:
+
+        "invariant" (the default): row b is bit for bit `self.decode(tokens[b],
+        caches[b])`, whatever else is in the batch. Each row's every product is the
+        very call the single step makes (`W @ x` into the same buffers); what batching
+        changes is the order. The B matrix-vector products with a matrix run back to back,
+        so the first reads it from memory and the other B - 1 mostly from the caches (a
+        layer's matrices are 1-7 MB on SmolLM2, the shared L3 32 MB), and the head, too
+        large for any cache, is taken by blocks of rows (`head_rows`), each block read
+        once for the whole batch. A decode step is bound by reading the weights, so B
+        steps cost far less than B single steps. (A plain `X @ W.T` over the B rows is
+        not invariant: BLAS picks its kernel and its summation order by the number of
+        rows, and row 0 of a 2-row product differs from the 1-row one in the last bits.)
+
+        "throughput": one matrix-matrix product per matrix over the B rows, as
+        `__call__` does for the T positions of a prompt. It reads each weight once per
+        step and is faster again at large B, but its rows differ from `decode`'s by
+        float rounding (relative ~1e-6 in float32 on the logits, so a greedy choice
+        changes only at a near tie). Attention is per sequence in both modes.
+        """
+        tokens, caches = check_batch(self.config, tokens, caches, mode)
+        if not tokens:
+            return np.empty((0, self.config.vocab_size), dtype=self.dtype)
+        step = self._decode_rows if mode == "invariant" else self._decode_gemm
+        return step(tokens, caches)
+
+    def _decode_rows(self, tokens, caches):  # [B] -> [B, V], each row as `decode` computes it
+        c = self.config
+        NH, NKV, HD, F, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps
+        QK = (NH + NKV) * HD
+        B = len(tokens)
+        bufs = [cache.decode_buffers(c) for cache in caches]
+        Rs = [self.rope_matrix(cache.pos) for cache in caches]  # [HD, HD] each
+        hs = [self.embed_tokens[token].astype(self.dtype) for token in tokens]  # [D] each, the residual streams
+        rows = range(B)
+        for i, layer in enumerate(self.layers):
+            for h, b in zip(hs, bufs):  # each matrix B times in a row, while it is in the caches
+                np.matmul(layer.qkv_proj, ops.rms_norm_row(h, layer.input_layernorm, eps, out=b.x), out=b.qkv)
+            attended = []
+            for b, R, cache in zip(bufs, Rs, caches):
+                np.matmul(b.qkv[:QK].reshape(NH + NKV, HD), R, out=b.qk)  # q and k rotated
+                keys, values = cache.update(i, b.qk[None, NH:], b.qkv[QK:].reshape(1, NKV, HD))  # [S, NKV, HD] x2
+                attended.append(ops.causal_attention(b.qk[None, :NH], keys, values, cache.pos))  # [1, NH, HD]
+            for r in rows:
+                hs[r] += np.matmul(layer.o_proj, attended[r].reshape(NH * HD), out=bufs[r].out)  # [D]
+            for h, b in zip(hs, bufs):
+                np.matmul(layer.gate_up_proj, ops.rms_norm_row(h, layer.post_attention_layernorm, eps, out=b.x),
+                          out=b.gate_up)
+            for h, b in zip(hs, bufs):
+                act = ops.silu(b.gate_up[:F], out=b.act)  # [F]
+                act *= b.gate_up[F:]
+                h += np.matmul(layer.down_proj, act, out=b.out)  # [D]
+        for cache in caches:
+            cache.advance(1)
+        logits = np.empty((B, c.vocab_size), dtype=self.dtype)  # [B, V]
+        self.head_rows([ops.rms_norm_row(h, self.norm, eps, out=b.x) for h, b in zip(hs, bufs)], logits)
+        return logits
+
+    def _decode_gemm(self, tokens, caches):  # [B] -> [B, V], one product per matrix
+        c = self.config
+        NH, NKV, HD, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
+        B = len(tokens)
+        Rs = [self.rope_matrix(cache.pos) for cache in caches]  # [HD, HD] each
+        h = self.embed_tokens[tokens].astype(self.dtype, copy=False)  # [B, D] (a copy: fancy indexing)
+        a = np.empty((B, NH * HD), dtype=self.dtype)  # [B, NH*HD], attention's outputs
+        for i, layer in enumerate(self.layers):
+            qkv = ops.rms_norm(h, layer.input_layernorm, eps) @ layer.qkv_proj.T  # [B, (NH+2*NKV)*HD]
+            for r, (R, cache) in enumerate(zip(Rs, caches)):
+                qk = qkv[r, : (NH + NKV) * HD].reshape(NH + NKV, HD) @ R  # [NH+NKV, HD], q and k rotated
+                keys, values = cache.update(i, qk[None, NH:], qkv[r, (NH + NKV) * HD :].reshape(1, NKV, HD))
+                a[r] = ops.causal_attention(qk[None, :NH], keys, values, cache.pos).reshape(NH * HD)
+            h += a @ layer.o_proj.T  # [B, D]
+            h += self.mlp(layer, ops.rms_norm(h, layer.post_attention_layernorm, eps))  # [B, D]
+        for cache in caches:
+            cache.advance(1)
+        return ops.rms_norm(h, self.norm, eps) @ self.lm_head.T  # [B, V]
+
+    def rope_matrix(self, pos: int):  # -> [HD, HD]
+        """RoPE at position `pos` as a matrix (`ops.rope_matrix`), from the cached tables."""
+        cos, sin = self.rope_tables(pos, 1)  # [1, HD] x2
+        return ops.rope_matrix(cos[0], sin[0])
+
+    def head_rows(self, xs, out):  # B x [D] -> [B, V], written into out
+        """`lm_head @ x` for each x, by blocks of the head's rows: each block (a few MB)
+        is multiplied by every x while it is in the caches, so the head (113 MB on
+        SmolLM2) is read from memory once for the batch. `decode` takes its one row
+        through here too, so a row's blocks are the same products alone or in a batch."""
+        V, D = self.lm_head.shape
+        rows = self.head_block_rows()
+        for start in range(0, V, rows):
+            block = self.lm_head[start : start + rows]  # [rows, D], a view
+            for x, y in zip(xs, out):
+                np.matmul(block, x, out=y[start : start + rows])
+        return out
+
+    HEAD_BLOCK_BYTES = 4 << 20  # what one block of the head's rows may take
+
+    def head_block_rows(self) -> int:
+        """Rows of the head per block: the largest power of two (at least 64) whose rows
+        fit in HEAD_BLOCK_BYTES. A power of two keeps the blocks on the boundaries where
+        BLAS's own row blocking falls."""
+        D = self.lm_head.shape[1]
+        rows = 64
+        while 2 * rows * D * self.lm_head.itemsize <= self.HEAD_BLOCK_BYTES:
+            rows *= 2
+        return rows
+
 
     def rope_tables(self, start: int, T: int):  # -> [T, HD], [T, HD]
         """cos and sin of positions start .. start + T - 1, sliced from tables computed

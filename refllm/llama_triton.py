@@ -38,7 +38,7 @@ import numpy as np
 
 from . import ops
 from .config import LlamaConfig
-from .llama import KVCache, Llama
+from .llama import KVCache, Llama, check_batch
 
 if TYPE_CHECKING:
     import torch
@@ -157,6 +157,15 @@ class TritonLlama:
         """The logits of one new token at position cache.pos (`Llama.decode`'s
         interface): the forward pass at T = 1, whose kernels already take that path."""
         return self([token], cache, last_only=True)[0]
+
+    def decode_batch(self, tokens, caches, mode: str = "invariant"):  # [B] -> [B, V]
+        """`Llama.decode_batch`'s interface: one `decode` per sequence, in turn, so every
+        row is `decode`'s in either mode. (A GPU step is not bound by re-reading the
+        weights for each row the way the CPU's is; a batched kernel is left to come.)"""
+        tokens, caches = check_batch(self.config, tokens, caches, mode)
+        if not tokens:
+            return np.empty((0, self.config.vocab_size), dtype=np.float32)
+        return np.stack([self.decode(token, cache) for token, cache in zip(tokens, caches)])  # [B, V]
 
     def __call__(self, ids, cache: TritonKVCache | None = None, last_only: bool = False):  # [T] -> [T, V] (or [1, V])
         """Logits for `ids`, the tokens at positions cache.pos .. cache.pos + T - 1, as a
