@@ -43,6 +43,12 @@ def _from_dict(cls, d: dict[str, Any], path: Path):
         raise LLMRuntimeError(f"{path}: {e}") from e
 
 
+# The Llama-family architectures loaded as `Llama`, by config.json's `model_type`
+# (transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM): one decoder,
+# differing only in which projections carry biases and in the sliding window.
+LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int  # V
@@ -58,10 +64,13 @@ class LlamaConfig:
     rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3"|"default", ...}
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
-    attention_bias: bool = False
-    mlp_bias: bool = False
+    attention_bias: bool = False  # Llama: q/k/v/o_proj have biases
+    mlp_bias: bool = False  # Llama: gate/up/down_proj have biases
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    model_type: str = "llama"  # "llama", "mistral" or "qwen2"
+    sliding_window: int | None = None  # Mistral, Qwen2: a query sees at most this many keys
+    use_sliding_window: bool = False  # Qwen2: whether its sliding_window applies
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -75,8 +84,29 @@ class LlamaConfig:
             )
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported (only 'silu')")
-        if self.attention_bias or self.mlp_bias:
-            raise ValueError("attention_bias / mlp_bias are not supported")
+        if self.model_type not in LLAMA_MODEL_TYPES:
+            raise ValueError(f"model_type={self.model_type!r} is not a Llama-family model ({', '.join(LLAMA_MODEL_TYPES)})")
+        window = self.sliding_window if self.model_type == "mistral" or self.use_sliding_window else None
+        if window is not None and window < self.max_position_embeddings:
+            # Within the window, sliding-window attention is causal attention: every key
+            # 0 .. t is in (t - window, t]. So the context ends at the window, and
+            # everything refllm computes is exactly the model's.
+            self.max_position_embeddings = window
+
+    # Which projections carry a bias, as transformers builds each architecture's nn.Linear:
+    # LlamaAttention / LlamaMLP per attention_bias / mlp_bias; Qwen2Attention always on
+    # q/k/v and never on o; Mistral never.
+    @property
+    def qkv_bias(self) -> bool:  # q_proj, k_proj, v_proj
+        return self.model_type == "qwen2" or (self.model_type == "llama" and self.attention_bias)
+
+    @property
+    def o_bias(self) -> bool:  # o_proj
+        return self.model_type == "llama" and self.attention_bias
+
+    @property
+    def mlp_biases(self) -> bool:  # gate_proj, up_proj, down_proj
+        return self.model_type == "llama" and self.mlp_bias
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], path: Path = Path("config.json")) -> "LlamaConfig":

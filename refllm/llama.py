@@ -67,6 +67,11 @@ class LlamaLayer:
     down_proj: np.ndarray  # [D, F]
     qkv_proj: np.ndarray | None = None  # [(NH+2*NKV)*HD, D] = q_proj; k_proj; v_proj
     gate_up_proj: np.ndarray | None = None  # [2F, D] = gate_proj; up_proj
+    # Biases, where the architecture has them (LlamaConfig.qkv_bias, o_bias, mlp_biases), else None:
+    qkv_bias: np.ndarray | None = None  # [(NH+2*NKV)*HD] = q_proj.bias; k_proj.bias; v_proj.bias
+    o_bias: np.ndarray | None = None  # [D], o_proj.bias
+    gate_up_bias: np.ndarray | None = None  # [2F] = gate_proj.bias; up_proj.bias
+    down_bias: np.ndarray | None = None  # [D], down_proj.bias
 
     def __post_init__(self):
         if self.qkv_proj is None:
@@ -266,11 +271,24 @@ class Llama:
                     gate_up_proj=gate_up,
                 )
             )
+        for i, layer in enumerate(layers):  # the biases (Qwen2's q/k/v; Llama's attention_bias, mlp_bias)
+            p = f"model.layers.{i}."
+
+            def biases(*names_sizes):  # -> [sum of sizes], the named biases one after another
+                return np.concatenate([w.take(p + name, (n,)) for name, n in names_sizes])
+
+            layer.qkv_bias = biases(("self_attn.q_proj.bias", NH * HD), ("self_attn.k_proj.bias", NKV * HD),
+                                    ("self_attn.v_proj.bias", NKV * HD)) if c.qkv_bias else None
+            layer.o_bias = w.take(p + "self_attn.o_proj.bias", (D,)) if c.o_bias else None
+            layer.gate_up_bias = biases(("mlp.gate_proj.bias", F), ("mlp.up_proj.bias", F)) if c.mlp_biases else None
+            layer.down_bias = w.take(p + "mlp.down_proj.bias", (D,)) if c.mlp_biases else None
         # The head is a single-row product too; the embedding lookup then reads each row
         # with a stride (D scattered reads per token: negligible).
         embed_tokens = w.take("model.embed_tokens.weight", (V, D), out=None if widen_on_use else column_major((V, D)),
                               stored=widen_on_use)  # [V, D]; looked up a row at a time, so with widen_on_use left mapped
         norm = w.take("model.norm.weight", (D,))
+        # Tied, the head is the embedding, unless the file has an lm_head.weight of its own:
+        # transformers then leaves the two untied and uses the file's head.
         if c.tie_word_embeddings and not w.has("lm_head.weight"):
             lm_head = w.take("model.embed_tokens.weight", (V, D), out=column_major((V, D))) if widen_on_use else embed_tokens
         else:
@@ -345,15 +363,23 @@ class Llama:
         h = self.embed_tokens[token].astype(self.dtype)  # [D], the residual stream (a copy)
         for i, layer in enumerate(self.layers):
             np.matmul(layer.qkv_proj, ops.rms_norm_row(h, layer.input_layernorm, eps, out=b.x), out=b.qkv)
+            if layer.qkv_bias is not None:
+                b.qkv += layer.qkv_bias
             np.matmul(b.qkv[:QK].reshape(NH + NKV, HD), R, out=b.qk)  # q and k rotated
             keys, values = cache.update(i, b.qk[None, NH:], b.qkv[QK:].reshape(1, NKV, HD))  # [S, NKV, HD] x2
             a = ops.causal_attention(b.qk[None, :NH], keys, values, pos)  # [1, NH, HD]
             h += np.matmul(layer.o_proj, a.reshape(NH * HD), out=b.out)  # [D]
+            if layer.o_bias is not None:
+                h += layer.o_bias
 
             np.matmul(layer.gate_up_proj, ops.rms_norm_row(h, layer.post_attention_layernorm, eps, out=b.x), out=b.gate_up)
+            if layer.gate_up_bias is not None:
+                b.gate_up += layer.gate_up_bias
             act = ops.silu(b.gate_up[:F], out=b.act)  # [F]
             act *= b.gate_up[F:]
             h += np.matmul(layer.down_proj, act, out=b.out)  # [D]
+            if layer.down_bias is not None:
+                h += layer.down_bias
         cache.advance(1)
         logits = np.empty((1, c.vocab_size), dtype=self.dtype)  # [1, V]
         return self.head_rows([ops.rms_norm_row(h, self.norm, eps, out=b.x)], logits)[0]  # [V], by blocks of rows
@@ -403,6 +429,8 @@ class Llama:
         for i, layer in enumerate(self.layers):
             for h, b in zip(hs, bufs):  # each matrix B times in a row, while it is in the caches
                 np.matmul(layer.qkv_proj, ops.rms_norm_row(h, layer.input_layernorm, eps, out=b.x), out=b.qkv)
+                if layer.qkv_bias is not None:
+                    b.qkv += layer.qkv_bias
             attended = []
             for b, R, cache in zip(bufs, Rs, caches):
                 np.matmul(b.qkv[:QK].reshape(NH + NKV, HD), R, out=b.qk)  # q and k rotated
@@ -410,13 +438,19 @@ class Llama:
                 attended.append(ops.causal_attention(b.qk[None, :NH], keys, values, cache.pos))  # [1, NH, HD]
             for r in rows:
                 hs[r] += np.matmul(layer.o_proj, attended[r].reshape(NH * HD), out=bufs[r].out)  # [D]
+                if layer.o_bias is not None:
+                    hs[r] += layer.o_bias
             for h, b in zip(hs, bufs):
                 np.matmul(layer.gate_up_proj, ops.rms_norm_row(h, layer.post_attention_layernorm, eps, out=b.x),
                           out=b.gate_up)
+                if layer.gate_up_bias is not None:
+                    b.gate_up += layer.gate_up_bias
             for h, b in zip(hs, bufs):
                 act = ops.silu(b.gate_up[:F], out=b.act)  # [F]
                 act *= b.gate_up[F:]
                 h += np.matmul(layer.down_proj, act, out=b.out)  # [D]
+                if layer.down_bias is not None:
+                    h += layer.down_bias
         for cache in caches:
             cache.advance(1)
         logits = np.empty((B, c.vocab_size), dtype=self.dtype)  # [B, V]
@@ -432,11 +466,15 @@ class Llama:
         a = np.empty((B, NH * HD), dtype=self.dtype)  # [B, NH*HD], attention's outputs
         for i, layer in enumerate(self.layers):
             qkv = ops.rms_norm(h, layer.input_layernorm, eps) @ layer.qkv_proj.T  # [B, (NH+2*NKV)*HD]
+            if layer.qkv_bias is not None:
+                qkv += layer.qkv_bias
             for r, (R, cache) in enumerate(zip(Rs, caches)):
                 qk = qkv[r, : (NH + NKV) * HD].reshape(NH + NKV, HD) @ R  # [NH+NKV, HD], q and k rotated
                 keys, values = cache.update(i, qk[None, NH:], qkv[r, (NH + NKV) * HD :].reshape(1, NKV, HD))
                 a[r] = ops.causal_attention(qk[None, :NH], keys, values, cache.pos).reshape(NH * HD)
             h += a @ layer.o_proj.T  # [B, D]
+            if layer.o_bias is not None:
+                h += layer.o_bias
             h += self.mlp(layer, ops.rms_norm(h, layer.post_attention_layernorm, eps))  # [B, D]
         for cache in caches:
             cache.advance(1)
@@ -472,7 +510,6 @@ class Llama:
             rows *= 2
         return rows
 
-
     def rope_tables(self, start: int, T: int):  # -> [T, HD], [T, HD]
         """cos and sin of positions start .. start + T - 1, sliced from tables computed
         once (`ops.rope_tables`) and grown by doubling, so a decode step computes none."""
@@ -487,14 +524,24 @@ class Llama:
     def attention(self, i, layer: LlamaLayer, x, cos, sin, cache: KVCache, start: int):  # [T, D] -> [T, D]
         c = self.config
         T, NH, NKV, HD = x.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        qkv = (x @ layer.qkv_proj.T).reshape(T, NH + 2 * NKV, HD)  # [T, NH+2*NKV, HD]
+        qkv = x @ layer.qkv_proj.T  # [T, (NH+2*NKV)*HD]
+        if layer.qkv_bias is not None:
+            qkv += layer.qkv_bias
+        qkv = qkv.reshape(T, NH + 2 * NKV, HD)  # [T, NH+2*NKV, HD]
         qk = ops.rope(qkv[:, : NH + NKV], cos, sin)  # [T, NH+NKV, HD]: q and k rotated together
         q, k, v = qk[:, :NH], qk[:, NH:], qkv[:, NH + NKV :]  # [T, NH, HD], [T, NKV, HD] x2
         keys, values = cache.update(i, k, v)  # [S, NKV, HD] x2
-        out = ops.causal_attention(q, keys, values, start)  # [T, NH, HD]
-        return out.reshape(T, NH * HD) @ layer.o_proj.T  # [T, D]
+        out = ops.causal_attention(q, keys, values, start).reshape(T, NH * HD) @ layer.o_proj.T  # [T, D]
+        if layer.o_bias is not None:
+            out += layer.o_bias
+        return out
 
     def mlp(self, layer: LlamaLayer, x):  # [T, D] -> [T, D]
         F = self.config.intermediate_size
         gate_up = x @ layer.gate_up_proj.T  # [T, 2F]
-        return (ops.silu(gate_up[:, :F]) * gate_up[:, F:]) @ layer.down_proj.T  # [T, D]
+        if layer.gate_up_bias is not None:
+            gate_up += layer.gate_up_bias
+        out = (ops.silu(gate_up[:, :F]) * gate_up[:, F:]) @ layer.down_proj.T  # [T, D]
+        if layer.down_bias is not None:
+            out += layer.down_bias
+        return out

@@ -38,6 +38,7 @@ import numpy as np
 
 from . import ops
 from .config import LlamaConfig
+from .errors import LLMRuntimeError
 from .llama import KVCache, Llama, check_batch
 
 if TYPE_CHECKING:
@@ -118,6 +119,10 @@ class TritonLlama:
 
         if model.dtype != np.float32:
             raise ValueError(f"the triton backend computes in float32, not {model.dtype}")
+        c = model.config
+        if c.qkv_bias or c.o_bias or c.mlp_biases:
+            raise LLMRuntimeError(f"the triton backend has no projection biases (model_type={c.model_type!r}, "
+                                  f"attention_bias={c.attention_bias}, mlp_bias={c.mlp_bias}); use backend='numpy'")
         device = _kernels().device()
 
         def dev(a):  # numpy -> a float32 tensor on the device (a copy)

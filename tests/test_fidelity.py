@@ -444,3 +444,129 @@ def test_gguf_llama31_rope_freqs_is_a_clear_error(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(LLMRuntimeError, match="llama3 RoPE scaling from a GGUF is not supported"):
         convert(tmp_path / "m.gguf", tmp_path / "out")
+
+
+# ------------------------------------------------------------------ 5, 8. Llama-family configs against transformers
+
+FAMILY_CONFIGS = {
+    # transformers' LlamaForCausalLM with every field it reads: biases on the attention
+    # and MLP projections, a head_dim that is not hidden_size / heads
+    "llama_biases_head_dim": dict(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=True,
+                                  mlp_bias=True, head_dim=12, num_attention_heads=4, num_key_value_heads=2),
+    # Mistral: the Llama architecture under its own name, with a sliding window
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=32,
+                    num_attention_heads=4, num_key_value_heads=1),
+    # Qwen2: biases on q/k/v (not o), its own RoPE theta, tied embeddings
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=1000000.0, tie_word_embeddings=True,
+                  num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def write_hf_model(d, family: str, vocab_size: int, seed=0):
+    """transformers' own model of `family` with random weights (biases and norms too:
+    transformers initialises those to 0 and 1), saved with save_pretrained."""
+    import torch
+    import transformers
+
+    overrides = dict(FAMILY_CONFIGS[family])
+    model_type = overrides.pop("model_type")
+    overrides.pop("architectures")
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=32, intermediate_size=56,
+                                               num_hidden_layers=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+                                               bos_token_id=None, eos_token_id=None, **overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.5)
+            elif "norm" in name:
+                param.normal_(1, 0.1)
+            elif name.endswith("embed_tokens.weight"):
+                param.normal_(0, 1.0)
+    model.save_pretrained(str(d))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_CONFIGS))
+def family_dir(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param) / "m"
+    tok = llama3_tokenizer()
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text('{"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}')
+    write_hf_model(d, request.param, tok.get_vocab_size())
+    return request.param, d
+
+
+def test_family_logits_and_greedy_tokens_are_transformers(family_dir):
+    """Every position's logits (float32, <= 1e-4) and 12 greedy tokens, with the logits
+    each was chosen from, against transformers' own class for the architecture."""
+    import torch
+    import transformers
+
+    from refllm.generate import Generation
+    from refllm.llama import Llama
+    from refllm.types import InferencingParams
+
+    family, d = family_dir
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    assert type(hf).__name__ == FAMILY_CONFIGS[family]["architectures"][0]
+    llm = loaded(d)
+    ids = llm.encode("Why is the sky blue? Because")
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0].numpy()  # [T, V]
+    np.testing.assert_allclose(Llama.from_pretrained(d)(ids), expected, rtol=0, atol=1e-4)
+
+    tokens, logits = hf_greedy(d, ids, 12, eos_token_id=None)
+    gen = Generation(llm, "Why is the sky blue? Because", InferencingParams(max_tokens=12, temperature=0.0, repeat_penalty=1.0))
+    gen.run()
+    assert gen.tokens == tokens
+    for step, hf_step in zip(gen.steps, logits):
+        np.testing.assert_allclose(step.logits, hf_step, rtol=0, atol=1e-4)
+
+
+def test_mistral_context_ends_at_the_sliding_window(family_dir):
+    """Inside its window sliding-window attention is causal attention, so a Mistral's
+    context is capped at sliding_window and every result in it is exact."""
+    family, d = family_dir
+    llm = loaded(d)
+    expected = FAMILY_CONFIGS[family].get("sliding_window") or 64
+    assert llm.context_length == min(expected, 64)
+
+
+def test_tied_embeddings_with_an_lm_head_in_the_file_as_transformers(tmp_path):
+    """tie_word_embeddings and an lm_head.weight of other values: transformers leaves them
+    untied and uses the file's head; with the same values it ties them (same logits)."""
+    import torch
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    from refllm.llama import Llama
+    from tests.llama_util import make_tiny_llama
+
+    for same in (False, True):
+        d = make_tiny_llama(tmp_path / f"same{same}", dict(vocab_size=50, hidden_size=16, intermediate_size=24,
+                                                          num_hidden_layers=1, num_attention_heads=2,
+                                                          num_key_value_heads=2, tie_word_embeddings=True))
+        t = load_file(str(d / "model.safetensors"))
+        t["lm_head.weight"] = t["model.embed_tokens.weight"].copy() if same else \
+            np.random.default_rng(1).standard_normal((50, 16)).astype(np.float32)
+        save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+        ids = [3, 14, 15, 9, 26]
+        with torch.no_grad():
+            expected = hf(torch.tensor([ids])).logits[0].numpy()
+        np.testing.assert_allclose(Llama.from_pretrained(d)(ids), expected, rtol=0, atol=1e-5)
+
+
+def test_triton_backend_rejects_biases_clearly(family_dir):
+    from refllm.errors import LLMRuntimeError
+    from refllm.llama import Llama
+    from refllm.llama_triton import TritonLlama
+
+    family, d = family_dir
+    if family == "mistral":
+        pytest.skip("Mistral has no biases")
+    with pytest.raises(LLMRuntimeError, match="triton backend has no projection biases"):
+        TritonLlama.from_llama(Llama.from_pretrained(d))
