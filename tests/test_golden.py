@@ -50,7 +50,10 @@ def test_header(quick, models_root):
         for rel, sha in entry["files"].items():
             assert hashlib.sha256((root / rel).read_bytes()).hexdigest() == sha, rel
         assert (quick.dir / entry["tokenizer"]).read_bytes() == (root / "tokenizer.json").read_bytes()
-    assert (quick.dir / "FORMAT.md").read_text().startswith("# refllm golden set")
+    assert (quick.dir / "FORMAT.md").read_bytes() == golden.FORMAT_DOC.read_bytes()  # the package's spec
+    assert h["blas_threads"] == 1
+    for entry in h["models"].values():  # each model named by the sha256 of its files' sha256sum lines
+        assert entry["format"] == "safetensors" and entry["sha256"] == golden.manifest_sha256(entry["files"])
 
 
 def test_strict_json_lines(quick):
