@@ -11,6 +11,9 @@
 * `refllm conform` replays the user's set against `refllm serve` on that model: exit 0;
 * the CLI's errors.
 
+The tests that write whole golden sets (about a minute together, shared module
+fixtures) are marked slow.
+
 The Ray fan-out's byte-identity test is tests/test_golden_ray.py.
 """
 
@@ -237,10 +240,12 @@ def _check_against_transformers(golden, generate, chat=True):
         assert tok(c["prompt"])["input_ids"] == c["prompt_ids"], c["name"]
 
 
+@pytest.mark.slow
 def test_hf_checkpoint_greedy_tokens_are_transformers_generate(hf_golden, hf_reference):
     _check_against_transformers(hf_golden, hf_reference)
 
 
+@pytest.mark.slow
 def test_gguf_greedy_tokens_are_transformers_generate(gguf_golden, hf_reference, hf_golden):
     _check_against_transformers(gguf_golden, hf_reference, chat=False)
     for a in gguf_golden.cases:  # the GGUF's F32 weights are the checkpoint's
@@ -251,6 +256,7 @@ def test_gguf_greedy_tokens_are_transformers_generate(gguf_golden, hf_reference,
                 assert sa["logit"] == pytest.approx(sb["logit"], rel=1e-9, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_user_set_contents(hf_golden, tiny_hf, suite_file, minilm_dir):
     h = hf_golden.header
     assert h["suite"] == "cases.jsonl" and h["suite_sha256"] == hashlib.sha256(suite_file.read_bytes()).hexdigest()
@@ -287,6 +293,7 @@ def test_user_set_contents(hf_golden, tiny_hf, suite_file, minilm_dir):
     assert "longer than the model's context of 256" in hf_golden.case("too-long")["error"]["message"]
 
 
+@pytest.mark.slow
 def test_gguf_header_names_the_file_by_sha256(gguf_golden, tiny_gguf):
     m = gguf_golden.header["models"]["tiny-gguf"]
     sha = hashlib.sha256(Path(tiny_gguf).read_bytes()).hexdigest()
@@ -315,6 +322,7 @@ def served(tiny_hf, tiny_gguf, minilm_dir, tmp_path_factory):
         yield s
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["hf", "gguf"])
 def test_conform_replays_the_user_set(which, served, hf_golden, gguf_golden, tmp_path, capsys):
     golden = {"hf": hf_golden, "gguf": gguf_golden}[which]
