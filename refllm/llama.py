@@ -30,10 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from . import ops
-from .checkpoint import StrictLoader, WeightArena, load_checkpoint
+from .checkpoint import load_checkpoint
 from .config import LlamaConfig
 from .errors import LLMRuntimeError
-from .half_weights import should_widen_on_use, widened_layers
 
 
 @dataclass
@@ -46,14 +45,8 @@ class LlamaLayer:
     two). `q_proj` .. `up_proj` are views of their rows, with the checkpoint's shapes.
     Built from the nine separate matrices, a layer fuses them itself.
 
-    Memory layout (set by `Llama.from_state_dict`; shapes are unchanged): a decode step
-    multiplies one row by every matrix, `x @ W.T`, and OpenBLAS streams such a product
-    fastest along the longer side. So a matrix with out >= in is stored column-major
-    (Fortran order: W.T is a row-major [in, out] matrix, sgemv "N" reads runs of `out`
-    floats), and down_proj (in = F > out = D) keeps the checkpoint's row-major layout
-    (sgemv "T" reads runs of F floats). Measured with two threads on SmolLM2's matrices,
-    caches flushed (AMD EPYC, OpenBLAS 0.3.31 Haswell kernels), GB/s row-major vs
-    column-major: gate_up 28 vs 33, o 15 vs 17, qkv 22 vs 22, down 31 vs 25.
+    Where the matrices sit in memory (fused, Fortran order, huge pages) is decided when
+    loading, by `refllm.llama_loader`; shapes and values are the checkpoint's.
     """
 
     input_layernorm: np.ndarray  # [D]
@@ -234,65 +227,42 @@ class Llama:
     @classmethod
     def from_state_dict(cls, config: LlamaConfig, tensors, dtype=np.float32, source="state dict",
                         widen_on_use: bool | None = None):
+        """The model from checkpoint tensors named as Hugging Face's, strictly: each one
+        present with its shape, none left over. Where each lands in memory (fused, in
+        Fortran order, on huge pages, or left in the file) is `refllm.llama_loader`'s job."""
+        from .llama_loader import LlamaLoader
+
         c = config
         D, F, V = c.hidden_size, c.intermediate_size, c.vocab_size
         NH, NKV, HD = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        w = StrictLoader(tensors, dtype, source, ignore_prefixes=("model.rotary_emb.",))
-        if widen_on_use is None:
-            widen_on_use = should_widen_on_use(w, dtype)
-        arena = WeightArena()  # the matrices on huge pages (see WeightArena)
-
-        def column_major(shape):  # an empty matrix for `w.take(..., out=)`, see LlamaLayer
-            return arena.empty(shape, dtype, order="F")
-
-        def row_major(shape):
-            return arena.empty(shape, dtype, order="C")
-
-        # Each tensor is copied into its place and its mapped pages released (StrictLoader
-        # .take with out=), so loading never holds a weight twice.
-        # With widen_on_use the layers' matrices stay in the file (refllm.half_weights): no copies.
-        layers = widened_layers(w, c, dtype) if widen_on_use else []
-        for i in range(len(layers), c.num_hidden_layers):
+        w = LlamaLoader(tensors, dtype, source, widen_on_use)
+        layers = []
+        for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
-            qkv = column_major(((NH + 2 * NKV) * HD, D))  # [(NH+2*NKV)*HD, D]
-            gate_up = column_major((2 * F, D))  # [2F, D]
-            layers.append(
-                LlamaLayer(
-                    input_layernorm=w.take(p + "input_layernorm.weight", (D,)),
-                    q_proj=w.take(p + "self_attn.q_proj.weight", (NH * HD, D), out=qkv[: NH * HD]),
-                    k_proj=w.take(p + "self_attn.k_proj.weight", (NKV * HD, D), out=qkv[NH * HD : (NH + NKV) * HD]),
-                    v_proj=w.take(p + "self_attn.v_proj.weight", (NKV * HD, D), out=qkv[(NH + NKV) * HD :]),
-                    o_proj=w.take(p + "self_attn.o_proj.weight", (D, NH * HD), out=column_major((D, NH * HD))),
-                    post_attention_layernorm=w.take(p + "post_attention_layernorm.weight", (D,)),
-                    gate_proj=w.take(p + "mlp.gate_proj.weight", (F, D), out=gate_up[:F]),
-                    up_proj=w.take(p + "mlp.up_proj.weight", (F, D), out=gate_up[F:]),
-                    down_proj=w.take(p + "mlp.down_proj.weight", (D, F), out=row_major((D, F))),
-                    qkv_proj=qkv,
-                    gate_up_proj=gate_up,
-                )
-            )
-        for i, layer in enumerate(layers):  # the biases (Qwen2's q/k/v; Llama's attention_bias, mlp_bias)
-            p = f"model.layers.{i}."
-
-            def biases(*names_sizes):  # -> [sum of sizes], the named biases one after another
-                return np.concatenate([w.take(p + name, (n,)) for name, n in names_sizes])
-
-            layer.qkv_bias = biases(("self_attn.q_proj.bias", NH * HD), ("self_attn.k_proj.bias", NKV * HD),
-                                    ("self_attn.v_proj.bias", NKV * HD)) if c.qkv_bias else None
-            layer.o_bias = w.take(p + "self_attn.o_proj.bias", (D,)) if c.o_bias else None
-            layer.gate_up_bias = biases(("mlp.gate_proj.bias", F), ("mlp.up_proj.bias", F)) if c.mlp_biases else None
-            layer.down_bias = w.take(p + "mlp.down_proj.bias", (D,)) if c.mlp_biases else None
-        # The head is a single-row product too; the embedding lookup then reads each row
-        # with a stride (D scattered reads per token: negligible).
-        embed_tokens = w.take("model.embed_tokens.weight", (V, D), out=None if widen_on_use else column_major((V, D)),
-                              stored=widen_on_use)  # [V, D]; looked up a row at a time, so with widen_on_use left mapped
-        norm = w.take("model.norm.weight", (D,))
+            q, k, v = p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"
+            o, gate, up, down = p + "self_attn.o_proj", p + "mlp.gate_proj", p + "mlp.up_proj", p + "mlp.down_proj"
+            layers.append(w.layer(
+                input_layernorm=(p + "input_layernorm.weight", (D,)),
+                qkv_proj=[(q + ".weight", (NH * HD, D)), (k + ".weight", (NKV * HD, D)), (v + ".weight", (NKV * HD, D))],
+                o_proj=(o + ".weight", (D, NH * HD)),
+                post_attention_layernorm=(p + "post_attention_layernorm.weight", (D,)),
+                gate_up_proj=[(gate + ".weight", (F, D)), (up + ".weight", (F, D))],
+                down_proj=(down + ".weight", (D, F)),
+                # biases: Qwen2's q/k/v; Llama's with attention_bias, mlp_bias (LlamaConfig.qkv_bias, ...)
+                qkv_bias=[(q + ".bias", (NH * HD,)), (k + ".bias", (NKV * HD,)), (v + ".bias", (NKV * HD,))]
+                if c.qkv_bias else None,
+                o_bias=[(o + ".bias", (D,))] if c.o_bias else None,
+                gate_up_bias=[(gate + ".bias", (F,)), (up + ".bias", (F,))] if c.mlp_biases else None,
+                down_bias=[(down + ".bias", (D,))] if c.mlp_biases else None,
+            ))
+        embed_tokens = w.embedding("model.embed_tokens.weight", (V, D))  # [V, D]
+        norm = w.vector(("model.norm.weight", (D,)))  # [D]
         # Tied, the head is the embedding, unless the file has an lm_head.weight of its own:
         # transformers then leaves the two untied and uses the file's head.
         if c.tie_word_embeddings and not w.has("lm_head.weight"):
-            lm_head = w.take("model.embed_tokens.weight", (V, D), out=column_major((V, D))) if widen_on_use else embed_tokens
+            lm_head = w.tied_head(embed_tokens, "model.embed_tokens.weight", (V, D))  # [V, D]
         else:
-            lm_head = w.take("lm_head.weight", (V, D), out=column_major((V, D)))  # [V, D]
+            lm_head = w.head("lm_head.weight", (V, D))  # [V, D]
         w.finish()
         return cls(c, embed_tokens, layers, norm, lm_head, dtype=dtype)
 
