@@ -173,23 +173,29 @@ class CaseError(Exception):
     refllm does not raise)."""
 
 
-# The modules whose arithmetic the golden numbers depend on (relative to refllm/): a change
-# to one of them, even one that moves a result by an ulp, makes a new cached built-in set,
-# and a Ray worker whose refllm differs from the driver's is refused.
-COMPUTE_MODULES = ("ops.py", "llama.py", "bert.py", "embeddings.py", "generate.py", "sampling.py", "logprobs.py",
-                   "config.py", "checkpoint.py", "chat.py", "golden/record.py", "golden/models.py")
+# The modules whose arithmetic the golden numbers depend on: a change to one of them, even
+# one that moves a result by an ulp, makes a new cached built-in set, and a Ray worker
+# whose refllm differs from the driver's is refused. By import name (found, not imported).
+COMPUTE_MODULES = ("refllm.ops", "refllm.llama", "refllm.llama_loader", "refllm.half_weights", "refllm.checkpoint",
+                   "refllm.config", "refllm.bert", "refllm.embeddings", "refllm.generate", "refllm.sampling",
+                   "refllm.logprobs", "refllm.chat", "refllm.golden.record", "refllm.golden.models",
+                   "refllm.weights.gguf_to_hf", "refllm.weights.gguf_tokenizer")
 
 
 def compute_digest() -> dict:
-    """refllm's version and the sha256 of each module in COMPUTE_MODULES."""
+    """refllm's version and the sha256 of the source of each module in COMPUTE_MODULES."""
     import hashlib
+    import importlib.util
     from pathlib import Path
 
     from .. import __version__
 
-    here = Path(__file__).resolve().parent.parent
-    return {"refllm": __version__, **{m: hashlib.sha256((here / m).read_bytes()).hexdigest()
-                                      for m in COMPUTE_MODULES if (here / m).is_file()}}
+    out = {"refllm": __version__}
+    for name in COMPUTE_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin and Path(spec.origin).is_file():
+            out[name] = hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()
+    return out
 
 
 RUNNERS = {"generate": run_generate, "embed": run_embed, "error": run_error}
