@@ -463,8 +463,8 @@ FAMILY_CONFIGS = {
 
 
 def write_hf_model(d, family: str, vocab_size: int, seed=0):
-    """transformers' own model of `family` with random weights (biases and norms too:
-    transformers initialises those to 0 and 1), saved with save_pretrained."""
+    """transformers' own model of `family` with random weights of unit scale (biases and
+    norms too: transformers initialises those to 0 and 1), saved with save_pretrained."""
     import torch
     import transformers
 
@@ -484,6 +484,8 @@ def write_hf_model(d, family: str, vocab_size: int, seed=0):
                 param.normal_(1, 0.1)
             elif name.endswith("embed_tokens.weight"):
                 param.normal_(0, 1.0)
+            else:  # transformers' std 0.02 would leave logits within +-0.5: a weak test
+                param.normal_(0, param.shape[1] ** -0.5)
     model.save_pretrained(str(d))
     return model
 
