@@ -17,8 +17,14 @@ Follows Hugging Face's `modeling_llama.py` (LlamaForCausalLM) and Meta's referen
 - SwiGLU MLP (Shazeer 2020).
 - A preallocated KV cache, so decoding one token costs one pass over the weights;
   `Llama.decode` is that one-token step again, in as few NumPy calls as it takes.
+- The same decoder is transformers' MistralForCausalLM (`modeling_mistral.py`, a
+  sliding window: `LlamaConfig` ends the context there) and Qwen2ForCausalLM
+  (`modeling_qwen2.py`: biases on q_proj, k_proj, v_proj); a Llama may have biases on
+  every projection (`attention_bias`, `mlp_bias`). A bias is added right after its
+  product, where the layer has one (`LlamaConfig.qkv_bias`, `o_bias`, `mlp_biases`).
 
 Weight names are the safetensors keys; shape letters are defined in `refllm.config`.
+Where the weights sit in memory is `refllm.llama_loader`'s business.
 """
 
 from __future__ import annotations
