@@ -160,3 +160,76 @@ def test_max_tokens_zero_finishes_without_compute(llm):
 
     assert asyncio.run(main()) == [] and gen.result.text == "" and scheduler.stats["units"] == 0
     scheduler.close()
+
+
+# ----------------------------------------------------------------------------- throughput mode
+
+THROUGHPUT_RTOL = 1e-5  # decode_batch's throughput mode: float rounding, ~1e-6 relative in float32
+
+
+def near_tie(logits: np.ndarray, gap: float) -> bool:
+    top2 = np.sort(np.asarray(logits, dtype=np.float64))[-2:]
+    return top2[1] - top2[0] < gap
+
+
+def test_throughput_mode_is_within_rounding_of_the_invariant_one(llm):
+    """One gemm per matrix for the batch: logits within THROUGHPUT_RTOL of `decode`'s, the
+    same greedy tokens wherever the top two logits are not within that of each other."""
+    reqs = [dict(r, params=InferencingParams(max_tokens=8, temperature=0.0, repeat_penalty=1.0))
+            for r in requests(llm)[:8]]
+    scheduler = Scheduler(max_batch=8, mode="throughput")
+    gens = [Generation(llm, r["prompt"], r["params"], seed=r["seed"]) for r in reqs]
+
+    async def main():
+        await asyncio.gather(*(through(scheduler, g, 0) for g in gens))
+
+    asyncio.run(main())
+    scheduler.close()
+    assert scheduler.stats["batch_rows"] > scheduler.stats["steps"]
+    for gen, r in zip(gens, reqs):
+        want = alone(llm, r)
+        for a, b in zip(gen.steps, want.steps):
+            scale = np.max(np.abs(b.logits))
+            np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=THROUGHPUT_RTOL * scale)
+            if a.token != b.token:
+                assert near_tie(b.logits, 2 * THROUGHPUT_RTOL * scale)
+                break  # the sequences part here; the rest is not comparable
+            if near_tie(b.logits, 2 * THROUGHPUT_RTOL * scale):
+                break
+
+
+def test_throughput_mode_through_the_server(models_root):
+    """`--batch-mode throughput`: said in /info and in every answer's x-batch-mode header;
+    greedy answers as refllm.infer's where no near tie occurs."""
+    import httpx
+
+    import refllm
+    from refllm.logprobs import log_softmax_at
+    from refllm.serve.app import ServerThread
+    from refllm.serve.core import ServerConfig
+
+    prompts = ["The capital of France is", "Water boils at", "My favourite colour is", "def add(a, b):"]
+    params = InferencingParams(3, 1.0, 2**32 - 1, 0.0, 2**32 - 1, 1.0)
+    with ServerThread(ServerConfig(models_dir=models_root, batch_mode="throughput")) as s:
+        info = httpx.get(s.url + "/info").json()
+        assert info["batch_mode"] == "throughput"
+
+        async def main():
+            async with httpx.AsyncClient(base_url=s.url, timeout=600) as c:
+                return await asyncio.gather(*(c.post("/generate", headers={"x-wait-for-model": "true"}, json={
+                    "inputs": p, "parameters": {"max_new_tokens": 3, "details": True}}) for p in prompts))
+
+        answers = asyncio.run(main())
+    for p, r in zip(prompts, answers):
+        assert r.status_code == 200 and r.headers["x-batch-mode"] == "throughput"
+        gen = refllm.infer_stream("smollm2-135m-instruct", p, params, models_dir=models_root)
+        gen.run()
+        got = r.json()["details"]["tokens"]
+        for step, token in zip(gen.steps, got):
+            want = float(log_softmax_at(step.logits, [token["id"]])[0])
+            assert abs(token["logprob"] - want) < 1e-3, (token, want)
+            if token["id"] != step.token:
+                assert near_tie(step.logits, 1e-3)
+                break
+        else:
+            assert r.json()["generated_text"] == gen.result.text

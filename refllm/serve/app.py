@@ -99,7 +99,30 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     app.include_router(spin.router)
     app.include_router(openai.router)
     app.include_router(hf.router)
+    app.add_middleware(BatchModeHeader, mode=config.batch_mode)
     return app
+
+
+class BatchModeHeader:
+    """Every answer says `x-batch-mode: invariant` (each answer is refllm.infer's, bit for
+    bit) or `throughput` (answers may differ from it by float rounding).
+
+    A plain ASGI middleware: it touches only `send`, so the request's receive channel
+    (and with it `watch_disconnect`) is the server's own."""
+
+    def __init__(self, app, mode: str):
+        self.app, self.header = app, (b"x-batch-mode", mode.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
 # ----------------------------------------------------------------------------- running
