@@ -572,3 +572,40 @@ def test_triton_backend_rejects_biases_clearly(family_dir):
         pytest.skip("Mistral has no biases")
     with pytest.raises(LLMRuntimeError, match="triton backend has no projection biases"):
         TritonLlama.from_llama(Llama.from_pretrained(d))
+
+
+@pytest.mark.parametrize("pre", ["default", "llama-bpe", "gpt2"])
+def test_gguf_token_ids_are_llama_cpp(pre, tmp_path):
+    """The converted tokenizer's ids equal llama.cpp's own tokenizer on the same GGUF
+    (llama-cpp-python, vocab only), special tokens parsed, for three pre-tokenizers."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the peer here (pip install llama-cpp-python)")
+    from refllm.weights.gguf_tokenizer import build_tokenizer
+
+    write_tiny_gguf(tmp_path / "m.gguf", llama3_tokenizer(), pre=pre,
+                    extra_tokens=[("<|im start|>", CONTROL), ("<tool call>", USER_DEFINED)])
+    ours = build_tokenizer(gguf_meta(tmp_path / "m.gguf"))
+    peer = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    for text in TEXTS + ["Hello, world!!! 1234567 $x+y<=z^2 ~|pipe... it's (ok)?", "Hi<|im start|>the <tool call> and"]:
+        expected = peer.tokenize(text.encode(), add_bos=False, special=True)
+        assert ours.encode(text, add_special_tokens=False).ids == expected, (pre, text)
+
+
+def test_biases_in_decode_and_decode_batch(family_dir):
+    """decode and decode_batch (both modes) add the biases as __call__ does."""
+    from refllm.llama import Llama
+
+    family, d = family_dir
+    model = Llama.from_pretrained(d)
+    prompts = [[5, 17, 33], [8, 2, 40, 41, 9]]
+    caches = [model.new_cache(16) for _ in prompts]
+    for ids, cache in zip(prompts, caches):
+        model(ids, cache, last_only=True)
+    for mode in ("invariant", "throughput"):
+        copies = [model.new_cache(16) for _ in prompts]
+        for ids, cache in zip(prompts, copies):
+            model(ids, cache, last_only=True)
+        batch = model.decode_batch([7, 11], copies, mode=mode)  # [2, V]
+        for r, (ids, token) in enumerate(zip(prompts, [7, 11])):
+            np.testing.assert_allclose(batch[r], model(ids + [token])[-1], rtol=0, atol=1e-4)
+    for r, (ids, token) in enumerate(zip(prompts, [7, 11])):
+        np.testing.assert_allclose(model.decode(token, caches[r]), model(ids + [token])[-1], rtol=0, atol=1e-4)
