@@ -117,6 +117,8 @@ def pytest_terminal_summary(terminalreporter, config):
     engines = {e: i for i, e in enumerate(bench.ALL_ENGINES)}
     REPORT.results.sort(key=lambda r: (order.get(r.task, 99), engines.get(r.engine, 99)))
     REPORT.machine = bench.machine_info()  # the load average at the end of the run
+    if REPORT.read_bandwidth:  # no decode figure above the bandwidth reported (issue 17, item 12)
+        bench.settle_bandwidth(REPORT, REPORT.read_bandwidth_probe or REPORT.read_bandwidth)
     table = bench.format_report(REPORT)
     terminalreporter.write_sep("=", "refllm bench")
     terminalreporter.write_line(table)

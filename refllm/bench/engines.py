@@ -48,9 +48,9 @@ class RefllmLLM:
 
         return int(np.argmax(decode_one(self.model, token, self.cache)))
 
-    def time_streams(self, ids, n: int, mode: str, steps: int = STREAM_STEPS) -> float:
-        """n sequences after the prompt `ids` (prefilled once, untimed, its cache copied to
-        all n), then the seconds of `steps` greedy `decode_batch` steps of all n at once."""
+    def stream_caches(self, ids, n: int, steps: int = STREAM_STEPS):  # -> (n first tokens, n caches)
+        """n sequences after the prompt `ids`: prefilled once, the cache copied to all n,
+        with room for `steps` more positions."""
         from ..generate import prefill
 
         first = self.model.new_cache(len(ids) + steps + 1)
@@ -60,10 +60,18 @@ class RefllmLLM:
             cache = self.model.new_cache(first.max_len)
             cache.k[...], cache.v[...], cache.pos = first.k, first.v, first.pos
             caches.append(cache)
-        tokens = [token] * n
-        t0 = time.perf_counter()
+        return [token] * n, caches
+
+    def decode_streams(self, tokens, caches, mode: str, steps: int = STREAM_STEPS) -> None:
+        """`steps` greedy `decode_batch` steps of all the sequences at once."""
         for _ in range(steps):
             tokens = self.model.decode_batch(tokens, caches, mode).argmax(axis=1)  # [n], the greedy choices
+
+    def time_streams(self, ids, n: int, mode: str, steps: int = STREAM_STEPS) -> float:
+        """Seconds of `steps` steps of n streams (`decode_streams`), set up untimed."""
+        tokens, caches = self.stream_caches(ids, n, steps)
+        t0 = time.perf_counter()
+        self.decode_streams(tokens, caches, mode, steps)
         return time.perf_counter() - t0
 
 
