@@ -449,6 +449,14 @@ def test_serve_arguments_make_the_config():
     assert (c.inference_quota, c.embedding_quota, c.tokens, c.max_tokens_cap) == (5, 7, (), 1024)
     with pytest.raises(SystemExit):
         parser.parse_args(["--quota", "lots"])
+    c = config_from_args(parser.parse_args([]))  # issue 14's options and their defaults
+    assert (c.max_batch, c.max_queue, c.max_client_batch, c.batch_mode) == (8, 128, 2048, "invariant")
+    assert (c.forwarded_allow_ips, c.header_timeout_s, c.body_timeout_s) == (None, 10.0, 60.0)
+    c = config_from_args(parser.parse_args(["--max-batch", "4", "--max-queue", "9", "--max-client-batch", "3",
+                                            "--batch-mode", "throughput", "--forwarded-allow-ips", "10.0.0.1",
+                                            "--header-timeout", "2", "--body-timeout", "5"]))
+    assert (c.max_batch, c.max_queue, c.max_client_batch, c.batch_mode) == (4, 9, 3, "throughput")
+    assert (c.forwarded_allow_ips, c.header_timeout_s, c.body_timeout_s) == ("10.0.0.1", 2.0, 5.0)
 
 
 def test_spin_profile_reproduces_spins_engine(models_root):
