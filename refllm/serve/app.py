@@ -246,7 +246,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="trust X-Forwarded-For from these comma-separated proxy addresses or networks "
                         "('*': any); default: trust no proxy header")
     g.add_argument("--header-timeout", type=float, default=ServerConfig.header_timeout_s, metavar="SECONDS",
-                   help=f"the request line and headers must arrive within this (default: {ServerConfig.header_timeout_s:g})")
+                   help=f"the request line and headers must arrive within this "
+                        f"(default: {ServerConfig.header_timeout_s:g}); else 408")
     g.add_argument("--body-timeout", type=float, default=ServerConfig.body_timeout_s, metavar="SECONDS",
                    help=f"the body must arrive within this (default: {ServerConfig.body_timeout_s:g}); else 408")
     g = parser.add_argument_group("engine")

@@ -34,8 +34,8 @@ from .. import logprobs, registry
 from ..errors import LLMError
 from ..generate import Generation
 from ..types import EmbeddingsResult, InferencingParams
-from .bodies import (SSE_DONE, SSE_HEADERS, dumps, dumps_object_rows, dumps_rows, get_bool, get_float, get_int, get_str,  # noqa: F401
-                     get_str_list, json_object, parse_json, read_body, sse, type_name)
+from .bodies import (SSE_DONE, SSE_HEADERS, dumps, dumps_object_rows, dumps_rows, get_bool,  # noqa: F401
+                     get_float, get_int, get_str, get_str_list, json_object, parse_json, read_body, sse, type_name)
 from .cache import ResponseCache, header_true  # noqa: F401
 from .config import DEFAULT_EMBEDDING_MODEL, DEFAULT_LLM, ServerConfig  # noqa: F401
 from .errors import STATUS, ServeError, from_llm_error, invalid  # noqa: F401

@@ -61,7 +61,7 @@ PREFILL_BUDGET = 512  # prompt tokens prefilled in one step (beyond the first se
 BATCH_MODES = ("invariant", "throughput")
 
 
-def decode_batch(model, tokens: Sequence[int], caches: Sequence, mode: str = "invariant") -> np.ndarray:  # [B] -> [B, V]
+def decode_batch(model, tokens: Sequence[int], caches: Sequence, mode: str = "invariant"):  # [B] -> [B, V]
     """One decode step for B sequences, each at its own position in its own cache.
 
     `Llama.decode_batch` where the model has one; otherwise (and for one sequence) the
