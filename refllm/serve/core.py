@@ -203,7 +203,9 @@ class Engine:
 
     async def generation(self, llm, prompt: str, params: InferencingParams, *, seed: int | None = None,
                          stop: Sequence[str] = (), prompt_ids: Sequence[int] | None = None) -> Generation:
-        """A `Generation` exactly as `refllm.infer_stream` makes it (tokenized off the loop)."""
+        """A `Generation` exactly as `refllm.infer_stream` makes it (tokenized off the
+        loop, unless the queue is full: then "overloaded" at once)."""
+        self.scheduler.check_room()
         return await self.off_loop(lambda: Generation(llm, prompt, params, seed=seed, stop=stop, prompt_ids=prompt_ids))
 
     async def pieces(self, gen: Generation, request=None) -> AsyncIterator[tuple[str, int]]:
@@ -286,6 +288,7 @@ class Engine:
     async def embed(self, embedder, texts: list[str], profile: str = "spec", request=None) -> EmbeddingsResult | None:
         """`generate_embeddings`' result, a chunk at a time between decode steps; None
         if the client went away first (its remaining chunks are not computed)."""
+        self.scheduler.check_room()
         lengths = None
         if profile == "spec":
             lengths = await self.off_loop(lambda: [len(ids) for ids in embedder.tokenize(texts)])

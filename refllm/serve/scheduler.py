@@ -144,10 +144,15 @@ class Scheduler:
 
     # -- submitting (on the event loop) ----------------------------------------------
 
-    def _admit_or_refuse(self, ticket: Ticket) -> None:
-        if self.queued >= self.max_queue:
+    def check_room(self, n: int = 1) -> None:
+        """"overloaded" unless `n` more requests fit in the queue (a handler asks before
+        tokenizing, so an overloaded server answers at once)."""
+        if self.queued + n > self.max_queue:
             self.stats["overloaded"] += 1
             raise overloaded(self.queued)
+
+    def _admit_or_refuse(self, ticket: Ticket) -> None:
+        self.check_room()
         ticket.scheduler = self
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
@@ -163,9 +168,7 @@ class Scheduler:
 
     def submit_generations(self, gens: Sequence[Generation]) -> list[GenerationTicket]:
         """All or none: an array request is refused whole when the queue has no room."""
-        if self.queued + len(gens) > self.max_queue:
-            self.stats["overloaded"] += 1
-            raise overloaded(self.queued)
+        self.check_room(len(gens))
         return [self.submit_generation(g) for g in gens]
 
     def submit_embedding(self, embedder: Embedder, texts: list[str], profile: str,
