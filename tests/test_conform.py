@@ -18,6 +18,7 @@ import json
 import shutil
 import socket
 import threading
+import urllib.error
 
 import numpy as np
 import pytest
@@ -278,3 +279,117 @@ def test_cli_conform(server, golden_dir, tmp_path, capsys):
     assert args.handler(args) == 0
     doc = json.loads(report.read_text())
     assert doc["dialect"] == "openai" and doc["summary"]["pass"] == 2
+
+
+# ----------------------------------------------------------------------------- sampling, by statistics
+
+STATS_CASES = ["all-knobs", "top-k"]  # all-knobs: T 0.7 with top-k 10 and top-p 0.8; top-k: 3 at T 1
+
+
+def _top_p_before_temperature(logits, ids, params, u):
+    """A wrong sampler: SPEC 3's steps, but top-k and top-p choose on softmax(z) at T = 1,
+    and the temperature only reweights the survivors."""
+    s = refllm.sampling
+    z = s.apply_repeat_penalty(logits, ids, params.repeat_penalty, params.repeat_penalty_last_n_token_count)
+    if params.temperature <= 0:
+        return s.greedy(z)
+    kept, _ = s.top_p_filter(*s.top_k_candidates(s.softmax_with_temperature(z, 1.0), params.top_k), params.top_p)
+    p = s.softmax_with_temperature(z, params.temperature)
+    return s.draw(kept, p[kept], u)
+
+
+@pytest.fixture(scope="module")
+def stats_golden(models_root):
+    return builtin_golden_dir(models_root, STATS_CASES)
+
+
+def _stats(doc, name):
+    c = _case(doc, name)
+    assert c["compared_by"] == "statistics", c
+    return c, c["stats"]
+
+
+@pytest.mark.slow
+def test_statistical_check_passes_correct_samplers(broken_server, models_root, stats_golden, tmp_path, capsys, monkeypatch):
+    """refllm's own server passes the G-test under each profile whose order it samples in."""
+    import functools
+
+    import refllm.profiles as profiles
+
+    s = broken_server()
+    code, doc, out = _run(s.url, stats_golden, tmp_path, STATS_CASES, capsys, dialect="openai", sampled="stats",
+                          models_root=models_root)
+    assert code == 0, out
+    for name in STATS_CASES:
+        c, t = _stats(doc, name)
+        assert c["status"] == "pass" and t["pvalue"] >= 1e-3 and t["n"] >= 300 and t["df"] >= 1, c
+    assert _case(doc, "all-knobs")["stats"]["step"] > 0  # the first token is all but certain there
+    # the same server sampling in llama.cpp's order (min-p 0, as conform sends) passes --profile llama.cpp
+    monkeypatch.setattr(refllm.sampling, "sample_token", functools.partial(profiles.sample_token_llama_cpp, min_p=0.0))
+    code, doc, out = _run(s.url, stats_golden, tmp_path, STATS_CASES, capsys, dialect="openai", profile="llama.cpp",
+                          backend="refllm", models_root=models_root)
+    assert code == 0, out
+    # and in transformers' order, over TGI's dialect (compared by id), --profile hf
+    monkeypatch.setattr(refllm.sampling, "sample_token", profiles.sample_token_hf)
+    code, doc, out = _run(s.url, stats_golden, tmp_path, STATS_CASES, capsys, dialect="tgi", profile="hf",
+                          models_root=models_root)
+    assert code == 0, out
+    assert _case(doc, "top-k")["stats"]["by"] == "id"
+
+
+@pytest.mark.slow
+def test_statistical_check_catches_wrong_samplers(broken_server, models_root, stats_golden, tmp_path, capsys, monkeypatch):
+    """At the same N: a sampler that applies top-p before the temperature fails all-knobs,
+    a proxy that drops top_k fails top-k; each failure names the tokens."""
+    monkeypatch.setattr(refllm.sampling, "sample_token", _top_p_before_temperature)
+    s = broken_server()
+    code, doc, out = _run(s.url, stats_golden, tmp_path, ["all-knobs"], capsys, dialect="openai", sampled="stats",
+                          models_root=models_root)
+    c, t = _stats(doc, "all-knobs")
+    assert code == 1 and c["status"] == "fail", out
+    assert set(c["faults"]) <= {"sampling-distribution", "sampling-impossible-token"} and t["pvalue"] < 1e-3
+    monkeypatch.undo()
+    with _DropTopK(s.url) as proxy:
+        code, doc, out = _run(proxy.url, stats_golden, tmp_path, ["top-k"], capsys, dialect="openai", sampled="stats",
+                              models_root=models_root)
+    c, t = _stats(doc, "top-k")
+    assert code == 1 and c["status"] == "fail" and t["pvalue"] < 1e-3, out
+    assert '"top_k": 3' in json.dumps(c["exchanges"][0]["request"])  # conform asked for it; the proxy dropped it
+
+
+class _DropTopK:
+    """An HTTP proxy that forwards every POST with the JSON body's "top_k" removed."""
+
+    def __init__(self, target: str):
+        import urllib.request
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                body.pop("top_k", None)
+                req = urllib.request.Request(target + self.path, data=json.dumps(body).encode(), method="POST",
+                                             headers={"content-type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req) as r:
+                        status, data = r.status, r.read()
+                except urllib.error.HTTPError as e:
+                    status, data = e.code, e.read()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

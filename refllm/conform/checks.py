@@ -202,9 +202,12 @@ def check_generate(case: dict, ctx: Context) -> dict:
     near_tie = False
     if m < n:
         near_tie = _divergence(res, case, ctx, params, got, completion, m, how)
-    elif n_got is not None and n_got > n and steps and steps[-1]["eos"]:
-        _fault(res, "did-not-stop", f"the backend generated {n_got} tokens where the reference stopped on the EOS "
-                                    f"after {n}")
+    elif n_got is not None and n_got > n:
+        if steps and steps[-1]["eos"]:
+            _fault(res, "did-not-stop", f"the backend generated {n_got} tokens where the reference stopped on the "
+                                        f"EOS after {n}")
+        elif not whole_chars(completion).startswith(whole_chars(want)):  # past max-tokens: `_check_length` says so
+            _fault(res, "detokenize", f"same tokens, other text: {completion[:60]!r} vs {want[:60]!r}")
     elif whole_chars(completion) != whole_chars(want):
         _fault(res, "detokenize", f"same tokens, other text: {completion[:60]!r} vs {want[:60]!r}")
 
@@ -382,7 +385,7 @@ def _check_usage(res: dict, case: dict, ctx: Context, got: Got, full: bool) -> N
                                            f"counts prompt + generated = {exp['prompt_token_count']}")
         else:
             _fault(res, "usage-prompt", f"prompt-token-count {got.prompt_tokens}, expected {exp['prompt_token_count']}")
-    if got.generated_tokens is not None:
+    if got.generated_tokens is not None and "max-tokens" not in res["faults"]:  # else said already
         if full and got.generated_tokens not in eos_alternatives:
             ok = False
             eos = (" (the EOS counted)" if got.generated_tokens == spec_u["generated_token_count"] and ended_on_eos
