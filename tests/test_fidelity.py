@@ -574,7 +574,7 @@ def test_triton_backend_rejects_biases_clearly(family_dir):
         TritonLlama.from_llama(Llama.from_pretrained(d))
 
 
-@pytest.mark.parametrize("pre", ["default", "llama-bpe", "gpt2"])
+@pytest.mark.parametrize("pre", ["default", "llama-bpe", "gpt-2", "smollm"])
 def test_gguf_token_ids_are_llama_cpp(pre, tmp_path):
     """The converted tokenizer's ids equal llama.cpp's own tokenizer on the same GGUF
     (llama-cpp-python, vocab only), special tokens parsed, for three pre-tokenizers."""

@@ -19,7 +19,7 @@ from refllm.errors import LLMRuntimeError
 
 # llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp), by `tokenizer.ggml.pre`.
 # GPT-2's split is exactly the regex of tokenizers' ByteLevel(use_regex=True).
-_GPT2_FAMILY = {"gpt2", "mpt", "olmo", "jais"}
+_GPT2_FAMILY = {"gpt-2", "gpt2", "mpt", "olmo", "jais"}  # llama.cpp spells it "gpt-2"
 # "default", and a file without `tokenizer.ggml.pre` (llama.cpp then warns "GENERATION
 # QUALITY WILL BE DEGRADED" and uses "default"): four regexes applied in turn, each
 # splitting the pieces the previous one left, matches and the text between them alike
