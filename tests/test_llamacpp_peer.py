@@ -126,7 +126,12 @@ def test_llama_cpp_conforms_to_its_profile(server, golden, models_root, tmp_path
     for name in ("greedy", "chat-eos", "eos-first", "one-token-prompt"):
         c = cases[name]
         assert c["status"] == "pass" and c["match"] == c["steps"] and c["usage"]["equal"], c
-        assert c["logprobs"]["max_abs_diff"] < 1e-3, c  # F32 weights and KV cache
+        if "logprobs" in c:  # eos-first returns no token
+            assert c["logprobs"]["max_abs_diff"] < 1e-4, c  # F32 weights and KV cache: ~7e-6 measured
+    c = cases["unicode"]  # the tokens agree; llama-cpp-python overruns max_tokens inside a character
+    assert c["status"] == "known" and c["faults"] == ["max-tokens"] and c["match"] == c["steps"], c
+    # a penalty window llama-cpp-python cannot hold (prompt ids; its own is the last 64 generated) is skipped
+    assert cases["greedy-repeat-penalty"]["status"] == "skip"
     # the sampled cases: by statistics, under llama.cpp's order
     sampled = [c for c in doc["cases"] if c.get("sampling") and c["status"] != "skip"]
     assert len(sampled) >= 3
@@ -154,13 +159,13 @@ def test_a_proxy_that_drops_top_k_fails_the_sampled_check(server, golden, models
 def test_a_16_bit_kv_cache_is_named(gguf, golden, models_root, tmp_path, capsys):
     s = LlamaServer(gguf, tmp_path / "server-f16.log", f32_kv=False)
     try:
-        code, doc, out = _conform(s.url, golden, models_root, tmp_path, capsys, cases=["greedy", "chat-eos"])
+        code, doc, out = _conform(s.url, golden, models_root, tmp_path, capsys, cases=["greedy", "one-token-prompt"])
     finally:
         s.stop()
     print(out)
     for c in doc["cases"]:
         assert c["match"] == c["steps"], c  # the tokens still agree
         if "logprobs" in c["faults"]:
-            assert "16-bit" in " ".join(c["notes"]), c
+            assert "16-bit KV cache" in " ".join(c["notes"]), c
     drift = max(c["logprobs"]["max_abs_diff"] for c in doc["cases"])
-    assert drift > 1e-4  # far above the F32 cache's
+    assert drift > 1e-3  # 2.6e-3 measured (one-token-prompt), ~400x the F32 cache's

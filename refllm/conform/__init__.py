@@ -134,6 +134,8 @@ CHECKS = {"generate": check_generate, "embed": check_embed, "error": check_error
 def _kind(case: dict) -> str:
     if case["kind"] == "generate":
         return "sampled" if case["sampling"] else "greedy"
+    if case["kind"] == "error" and case.get("op") == "generate_embeddings":
+        return "embed"  # an LLM-only server has no embeddings to refuse
     return case["kind"]
 
 

@@ -68,6 +68,7 @@ class Backend:
     returns: tuple[str, ...]
     sampler: str | None
     known: dict = field(default_factory=dict)  # (case, fault) -> cause
+    penalty_last_n: int | None = None  # a window length fixed when the server starts (not per request)
 
     def field(self, knob: str) -> str | None:
         return self.params.get(knob)
@@ -76,32 +77,33 @@ class Backend:
 _OPENAI_NAMES = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
 
 # The llama.cpp behaviours conform expects (the README's table, section "Checking llama.cpp").
-LLAMA_CPP_PYTHON_KNOWN = {
+LLAMA_CPP_PYTHON_KNOWN = {  # each seen against llama-cpp-python 0.3.36 (README, "Checking llama.cpp")
     ("unicode", "max-tokens"):
         "llama-cpp-python keeps generating past max_tokens while its text ends inside a UTF-8 character "
         "(_create_completion holds back incomplete characters and its loop does not stop at max_tokens then)",
     ("err-temperature-nan", "error-not-raised"):
-        "llama-cpp-python does not validate the temperature: NaN is accepted",
+        "llama-cpp-python does not validate the temperature (a plain float field): NaN is accepted",
     ("err-temperature-inf", "error-not-raised"):
-        "llama-cpp-python does not validate the temperature: infinity is accepted",
-    ("err-top-p-nan", "error-not-raised"):
-        "llama-cpp-python's pydantic bounds (0 <= top_p <= 1) let NaN through",
-    ("err-repeat-penalty-inf", "error-not-raised"):
-        "llama-cpp-python accepts an infinite repeat_penalty (its bound is only >= 0)",
+        "llama-cpp-python does not validate the temperature (a plain float field): infinity is accepted",
     ("err-repeat-penalty-zero", "error-not-raised"):
-        "llama-cpp-python accepts repeat_penalty 0 (its bound is >= 0)",
+        "llama-cpp-python's repeat_penalty bound is >= 0: 0 is accepted",
+    ("err-repeat-penalty-inf", "error-not-raised"):
+        "llama-cpp-python's repeat_penalty bound is >= 0 only: infinity is accepted",
+    ("err-top-k-zero", "error-not-raised"):
+        "top_k 0 means 'off' in llama.cpp, not an error",
+    ("err-repeat-penalty-negative", "error-status"):
+        "llama-cpp-python rejects repeat_penalty -1 (pydantic: >= 0) but its RouteErrorHandler answers the "
+        "RequestValidationError with HTTP 500, not 4xx",
+    ("err-top-p-nan", "error-status"):
+        "llama-cpp-python rejects top_p NaN (pydantic: <= 1) but its RouteErrorHandler answers the "
+        "RequestValidationError with HTTP 500, not 4xx",
     ("err-empty-prompt", "error-status"):
-        "llama-cpp-python answers an empty prompt with HTTP 500 (llama_decode of zero tokens fails)",
-    ("err-empty-prompt", "error-not-raised"):
-        "llama-cpp-python adds the BOS to an empty prompt and generates from it",
+        "llama-cpp-python answers an empty prompt with HTTP 500: zero prompt tokens reach Llama.sample, whose "
+        "`assert self.n_tokens > 0` fails",
     ("err-unknown-model", "error-not-raised"):
         "llama-cpp-python serves every model name with its one loaded model",
     ("err-infer-embedding-model", "error-not-raised"):
         "llama-cpp-python serves every model name with its one loaded model",
-    ("err-top-k-zero", "error-not-raised"):
-        "top_k 0 means 'off' in llama.cpp, not an error",
-    ("err-prompt-too-long", "error-status"):
-        "llama-cpp-python answers a prompt longer than its context with HTTP 500 (the ValueError is not mapped to 400)",
 }
 
 BACKENDS: dict[str, Backend] = {
@@ -118,7 +120,7 @@ BACKENDS: dict[str, Backend] = {
         neutral={"repeat_penalty": 1.0, "min_p": 0.0, "top_p": 1.0, "typical_p": 1.0, "frequency_penalty": 0.0,
                  "presence_penalty": 0.0},
         top_k_off=0, eos_counted=False, penalty="generated-last-n", returns=("logprobs", "text"),
-        sampler="llama.cpp", known=LLAMA_CPP_PYTHON_KNOWN),
+        sampler="llama.cpp", known=LLAMA_CPP_PYTHON_KNOWN, penalty_last_n=64),  # --last_n_tokens_size
     "llama-server": Backend(
         "llama-server", "llama.cpp's C++ llama-server (documented API; its OpenAI /v1/completions)",
         params={**_OPENAI_NAMES, "repeat_penalty": "repeat_penalty", "top_k": "top_k", "min_p": "min_p",

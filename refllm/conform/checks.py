@@ -152,7 +152,13 @@ def check_generate(case: dict, ctx: Context) -> dict:
         res["scored"] = ctx.sampled == "strict"
     if ctx.profile == "hf" and params.repeat_penalty != 1.0 and penalty_mode(case, params) != "whole":
         raise Skip("under the hf profile the penalty covers the whole sequence; this case's window does not")
-    path, body = ctx.dialect.generate(case, ctx.model(case["model"]), params)
+    sent = case
+    if ctx.backend is not None and ctx.backend.penalty == "generated-last-n" and \
+            window_immaterial(case, params, ctx.backend.penalty_last_n):
+        sent = {**case, "window_immaterial": True}
+        res["notes"].append("the penalty's window differs (generated tokens only), but on refllm's top logits it "
+                            "changes no greedy choice of this case")
+    path, body = ctx.dialect.generate(sent, ctx.model(case["model"]), params)
     r = ctx.transport.post(path, body)
     if _http_failed(res, r):
         return _finish(res)
@@ -221,6 +227,23 @@ def check_generate(case: dict, ctx: Context) -> dict:
     if near_tie and not res["faults"]:
         res["status"] = "warn"
     return _finish(res)
+
+
+def window_immaterial(case: dict, params: InferencingParams, last_n: int | None = None) -> bool:
+    """Whether a greedy case picks the same tokens when the penalty's window holds only the
+    generated tokens: at each step, on refllm's top-n logits, the reference's token stays
+    the argmax, and (a penalty >= 1 only lowers logits) above every logit outside the top-n.
+    `last_n`: the backend's window length over the generated ids (default: the case's)."""
+    if case["sampling"] or params.repeat_penalty < 1.0:
+        return False
+    n = last_n if last_n is not None else params.repeat_penalty_last_n_token_count
+    for k, step in enumerate(case["steps"]):
+        generated = list(case["tokens"][:k])
+        pen = [(logprobs.penalize_one(z, t, generated, params.repeat_penalty, n), t) for t, z in step["top"]]
+        best, token = max(pen)
+        if token != step["token"] or best <= step["top"][-1][1]:
+            return False
+    return True
 
 
 def _check_length(res: dict, case: dict, ctx: Context, params: InferencingParams, got: Got, n_got) -> None:

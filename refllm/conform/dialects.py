@@ -189,7 +189,7 @@ class OpenAIDialect(Dialect):
                 raise Skip(f"{be.name} has no multiplicative repeat penalty")
             if be.penalty == "whole" and mode == "window":
                 raise Skip(f"{be.name} penalises the whole sequence; this case's penalty window is shorter")
-            if be.penalty == "generated-last-n" and not first_only:
+            if be.penalty == "generated-last-n" and not first_only and not case.get("window_immaterial"):
                 raise Skip(f"{be.name}'s penalty window holds only the generated tokens (its last-n is fixed when "
                            f"the server starts); this case's window holds prompt tokens")
             body[pen] = params.repeat_penalty
