@@ -147,9 +147,9 @@ def check_generate(case: dict, ctx: Context) -> dict:
     if sampled:
         if ctx.sampled == "skip":
             raise Skip("sampled cases are skipped (--sampled skip)")
-        if ctx.sampled == "stats":
+        if ctx.sampled == "stats" and params.max_tokens > 0:
             return check_sampled_stats(case, ctx, res, params)
-        res["scored"] = ctx.sampled == "strict"
+        res["scored"] = ctx.sampled in ("strict", "stats")  # max-tokens 0 draws nothing: compared exactly
     if ctx.profile == "hf" and params.repeat_penalty != 1.0 and penalty_mode(case, params) != "whole":
         raise Skip("under the hf profile the penalty covers the whole sequence; this case's window does not")
     sent = case
