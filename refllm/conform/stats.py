@@ -95,8 +95,8 @@ def g_test(expected: dict, observed: Counter, alpha: float = ALPHA) -> dict:
     key observed that the expected distribution never gives."""
     from scipy.stats import chi2
 
-    n = int(sum(observed.values()))
     impossible = {k: c for k, c in observed.items() if expected.get(k, 0.0) <= 0.0}
+    n = int(sum(observed.values())) - sum(impossible.values())  # the draws the cells test (impossible: p = 0)
     keys, probs = cells(expected, n)
     rows = []
     g = 0.0
@@ -112,5 +112,5 @@ def g_test(expected: dict, observed: Counter, alpha: float = ALPHA) -> dict:
     pvalue = 0.0 if impossible else float(chi2.sf(g, df))
     over = sorted(rows, key=lambda r: -r["residual"])[:3]
     under = sorted(rows, key=lambda r: r["residual"])[:3]
-    return {"n": n, "df": df, "g": g, "pvalue": pvalue, "alpha": alpha, "passed": pvalue >= alpha,
+    return {"n": n + sum(impossible.values()), "df": df, "g": g, "pvalue": pvalue, "alpha": alpha, "passed": pvalue >= alpha,
             "impossible": impossible, "over": over, "under": under, "cells": rows}
