@@ -317,6 +317,6 @@ def test_bounded_load(models_root, expected):
         assert r.status_code == 200 and r.json()["text"] == expected["greedy"][PROMPTS[1]].text
         rows = stats["batch_rows"] - before["batch_rows"]
         steps = stats["steps"] - before["steps"]
-        print(f"\nbounded load: 1-token request {short_done:.1f} s, 10,000-text embedding {big_done:.1f} s; "
+        print(f"\nbounded load: 1-token request {short_done:.1f} s, {len(BIG):,}-text embedding {big_done:.1f} s; "
               f"abandoned {timed_out} timed out, {refused} refused; {steps} steps, {rows / max(steps, 1):.2f} "
               f"sequences a step; /health max {max(latencies) * 1000:.0f} ms over {len(latencies)} polls")
