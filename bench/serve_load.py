@@ -89,6 +89,24 @@ def percentiles(xs) -> dict:
     return {"p50": float(np.percentile(xs, 50)), "p99": float(np.percentile(xs, 99)), "n": len(xs)}
 
 
+def report(result: dict) -> list[str]:
+    """The markdown of a run's result."""
+    rows, (before, after) = result["throughput"], (result["load_average_before"], result["load_after"])
+    one = rows[0]["tokens_per_s"]
+    lines = ["# `refllm serve` under load (bench/serve_load.py)", "",
+             f"{result['machine']}; load average {before[0]:.1f} before, {after[0]:.1f} after; "
+             f"batch mode {result['batch_mode']}; {result['tokens']} tokens a stream; one run.", "",
+             "| streams | aggregate tokens/s | x one stream | sequences a decode step |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['streams']} | {r['tokens_per_s']:.3g} | {r['tokens_per_s'] / one:.2f} | "
+              f"{r['sequences_per_step']:.2f} |" for r in rows]
+    ttft, tpot = result["ttft_s"], result["time_per_token_s"]
+    lines += ["", f"Mixed load, {result['mixed_requests']} requests (Poisson arrivals, mean gap 0.5 s, 1 in 6 a "
+              f"64-text embedding):", "", "| | p50 | p99 |", "| --- | --- | --- |",
+              f"| time to first token | {ttft['p50']:.3g} s | {ttft['p99']:.3g} s |",
+              f"| time per token | {tpot['p50']:.3g} s | {tpot['p99']:.3g} s |"]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=32)
@@ -117,18 +135,7 @@ def main() -> None:
               "batch_mode": args.batch_mode, "tokens": args.tokens, "mixed_requests": args.mixed,
               "load_average_before": load_before, "load_after": load_after,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
-    one = rows[0]["tokens_per_s"]
-    lines = ["# `refllm serve` under load (bench/serve_load.py)", "",
-             f"{result['machine']}; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after; "
-             f"batch mode {args.batch_mode}; one run.", "",
-             "| streams | aggregate tokens/s | x one stream | sequences a decode step |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['streams']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / one:.2f} | "
-              f"{r['sequences_per_step']:.2f} |" for r in rows]
-    lines += ["", f"Mixed load, {args.mixed} requests (Poisson arrivals, mean gap 0.5 s, 1 in 6 a 64-text embedding):",
-              "", "| | p50 | p99 |", "| --- | --- | --- |",
-              f"| time to first token | {result['ttft_s']['p50'] * 1000:.0f} ms | {result['ttft_s']['p99'] * 1000:.0f} ms |",
-              f"| time per token | {result['time_per_token_s']['p50'] * 1000:.0f} ms | "
-              f"{result['time_per_token_s']['p99'] * 1000:.0f} ms |"]
+    lines = report(result)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve_load.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "serve_load.json").write_text(json.dumps(result, indent=1))
