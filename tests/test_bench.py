@@ -239,6 +239,7 @@ def test_streams_are_measured_in_turns_and_reported_side_by_side(tmp_path):
     assert set(streams) == {"invariant", "throughput"} and all(list(r) == [1, 3] for r in streams.values())
     table = bench.format_report(report)
     assert "| streams | invariant (default) | × 1 stream | throughput | × 1 stream |" in table
+    assert "| streams 3 invariant |" not in table  # not in the per-engine table too
     one = streams["invariant"][1]
     assert f"| 3 | {streams['invariant'][3]:.1f} tok/s | {streams['invariant'][3] / one:.2f}× |" in table
     if pytest.importorskip("matplotlib"):

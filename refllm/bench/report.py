@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .runner import Report
 from .workloads import (ALL_ENGINES, DECODE_TOKENS, EMBED_BATCH, LLAMA_CPP, PROMPT_TOKENS, REFLLM, STREAM_STEPS,
-                        TRANSFORMERS)
+                        TRANSFORMERS, parse_streams_task)
 
 
 def format_report(report: Report) -> str:
@@ -40,7 +40,8 @@ def format_report(report: Report) -> str:
               "embed b1": "embeddings, batch 1", f"embed b{EMBED_BATCH}": f"embeddings, batch {EMBED_BATCH}"}
     task_order = {t: i for i, t in enumerate(labels)}
     engine_order = {e: i for i, e in enumerate(ALL_ENGINES)}
-    for r in sorted(report.results, key=lambda r: (task_order.get(r.task, 99), engine_order.get(r.engine, 99))):
+    per_engine = [r for r in report.results if parse_streams_task(r.task) is None]  # streams: a table of their own
+    for r in sorted(per_engine, key=lambda r: (task_order.get(r.task, 99), engine_order.get(r.engine, 99))):
         label = labels.get(r.task, r.task)
         if not r.seconds:
             lines.append(f"| {label} | {r.engine} | skipped: {r.skipped} | | |")
