@@ -39,6 +39,8 @@ NOT_RUN = [
     (r"ckpt/|cases\.jsonl|model\.gguf|/shared/|--models-dir models/|--golden golden/",
      "stands for the reader's own checkpoint, suite or golden set"),
     (r"^refllm bench", "a benchmark: minutes, measured in bench/"),
+    (r"llama_cpp|write_f32_gguf|127\.0\.0\.1:8000", "llama.cpp's server: tests/test_llamacpp_peer.py runs these "
+     "steps (write_f32_gguf, llama_cpp.server with an F32 KV cache, conform --profile llama.cpp --skip embed) on a free port"),
 ]
 # What a command reads on stdin when run here: `refllm chat` is a conversation.
 STDIN = {r"^refllm chat": "What is RoPE?\n/exit\n"}
@@ -84,12 +86,23 @@ def strip_comment(line: str) -> str:
 
 
 def shell_commands() -> list[tuple[int, str]]:
-    out = []
+    """(line number, command) of each shell command; a line ending in a backslash
+    continues on the next, as the shell reads it."""
+    out, pending = [], None
     for start, block in code_blocks("sh"):
         for k, line in enumerate(block.splitlines()):
+            if pending is not None:
+                first, text = pending
+                line, n = text + " " + line.strip(), first
+            else:
+                n = start + k
+            if line.rstrip().endswith("\\"):
+                pending = (n, line.rstrip()[:-1].rstrip())
+                continue
+            pending = None
             command = strip_comment(line)
             if command:
-                out.append((start + k, command))
+                out.append((n, command))
     return out
 
 
