@@ -117,6 +117,8 @@ def refllm_argvs(command: str) -> list[list[str]]:
     """The refllm invocations in a shell command line (`a | refllm ...`, `x && refllm ...`)."""
     argvs = []
     for part in re.split(r"\s*(?:&&|\|\|?|;)\s*", command.rstrip("& ")):
+        if not part.startswith("refllm "):  # (a split inside another program's quoted text)
+            continue
         words = shlex.split(part)
         if words and words[0] == "refllm":
             argvs.append(words[1:])
