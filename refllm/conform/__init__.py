@@ -13,18 +13,8 @@ reads and does, as data), `dialects` (case -> request, answer -> `Got`), `checks
 per kind of case), `stats` (the statistical check of sampling), `report` (summary, table,
 JSON).
 
-What is sent (per dialect; `--token T` adds ``authorization: bearer T``):
-
-    spin     POST /infer {"model","prompt","options":{camelCase WIT params},"seed"}
-             POST /embed {"model","input"}              (the seed is refllm's extension)
-    tgi      POST /generate {"inputs","parameters":{max_new_tokens, details: true,
-             do_sample, temperature, top_k, top_p, repetition_penalty, seed}};
-             embeddings and model-specific errors via POST /models/<model>
-    openai   POST /v1/completions {"model","prompt","max_tokens","temperature","top_p",
-             "seed","logprobs":1} and, in the backend's own names (`backends.BACKENDS`),
-             top-k, the repeat penalty and min-p, with every server default that would
-             otherwise act sent explicitly as off (penalty 1.0, top-k off, min-p 0, top-p 1)
-             POST /v1/embeddings {"model","input","encoding_format":"float"}
+What is sent in each dialect (`--token T` adds ``authorization: bearer T``) is written
+once, in `refllm.conform.dialects`' docstring.
 
 `--backend` (refllm, llama-cpp-python, llama-server, tgi, vllm, openai) picks the entry
 of `backends.BACKENDS` the requests are written and scored by; without it the profile
