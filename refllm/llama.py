@@ -84,21 +84,23 @@ class LlamaLayer:
 
 
 @dataclass
-class DecodeBuffers:
-    """The arrays a one-token step (`Llama.decode`) writes, kept by its cache."""
+class StepBuffers:
+    """The arrays one decode step of B sequences writes (`Llama.decode_batch`; `decode`
+    is B = 1): row b is sequence b's. Allocated per step (six `np.empty`s: microseconds),
+    so a model serves steps from many threads at once."""
 
-    x: np.ndarray  # [D], a normalised hidden state
-    qkv: np.ndarray  # [(NH+2*NKV)*HD]
-    qk: np.ndarray  # [NH+NKV, HD], queries and keys after RoPE
-    out: np.ndarray  # [D], the o_proj or down_proj product
-    gate_up: np.ndarray  # [2F]
-    act: np.ndarray  # [F], silu(gate) * up
+    x: np.ndarray  # [B, D], normalised hidden states
+    qkv: np.ndarray  # [B, (NH+2*NKV)*HD]
+    qk: np.ndarray  # [B, NH+NKV, HD], queries and keys after RoPE
+    out: np.ndarray  # [B, D], the o_proj or down_proj products
+    gate_up: np.ndarray  # [B, 2F]
+    act: np.ndarray  # [B, F], silu(gate) * up
 
     @classmethod
-    def allocate(cls, c: LlamaConfig, dtype):
+    def allocate(cls, c: LlamaConfig, B: int, dtype):
         NH, NKV, HD, D, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.intermediate_size
-        return cls(np.empty(D, dtype), np.empty((NH + 2 * NKV) * HD, dtype), np.empty((NH + NKV, HD), dtype),
-                   np.empty(D, dtype), np.empty(2 * F, dtype), np.empty(F, dtype))
+        return cls(np.empty((B, D), dtype), np.empty((B, (NH + 2 * NKV) * HD), dtype), np.empty((B, NH + NKV, HD), dtype),
+                   np.empty((B, D), dtype), np.empty((B, 2 * F), dtype), np.empty((B, F), dtype))
 
 
 class KVCache:
@@ -119,13 +121,6 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
         self.dtype = dtype
-        self._buffers: DecodeBuffers | None = None
-
-    def decode_buffers(self, config: LlamaConfig) -> DecodeBuffers:
-        """One sequence's step buffers (a cache is one sequence, used by one thread at a time)."""
-        if self._buffers is None:
-            self._buffers = DecodeBuffers.allocate(config, self.dtype)
-        return self._buffers
 
     @staticmethod
     def shape(c: LlamaConfig, max_len: int):  # [L, NKV, max_len, HD]; the triton backend's cache has its own
@@ -311,54 +306,24 @@ class Llama:
         """The logits of one new token at position cache.pos, appended to the cache.
 
         The same computation as `self([token], cache, last_only=True)[0]`, written for
-        the fewest NumPy calls and allocations. Through `__call__`, one token costs ~60
-        small operations per layer besides the four matrix-vector products, and each
-        costs 3-5 us (its arithmetic is tiny, but the weights streaming through the
-        caches have evicted the interpreter's and NumPy's own working set): 6-7 ms of a
-        ~25 ms token on SmolLM2. Here:
-        - the hidden state is one row [D], so RMSNorm's mean square is a dot product and
-          its scale a Python float (`ops.rms_norm_row`);
+        the fewest NumPy calls and allocations: it is `decode_batch` of one sequence
+        (`_decode_rows`), so a row of any batch is this very computation. Through
+        `__call__`, one token costs ~60 small operations per layer besides the four
+        matrix-vector products, and each costs 3-5 us (its arithmetic is tiny, but the
+        weights streaming through the caches have evicted the interpreter's and NumPy's
+        own working set): 6-7 ms of a ~25 ms token on SmolLM2. Here:
+        - RMSNorm's mean square is a dot product per row and its scale a Python float
+          (`ops.rms_norm_rows`);
         - RoPE is the rotation matrix of this position, built once for all layers
           (`ops.rope_matrix`), one product for the queries and keys of a layer;
         - the projections multiply the matrices by the vector (`W @ x`), no transposes,
-          into buffers the cache keeps from step to step (`DecodeBuffers`), so the same
-          few kilobytes are written every layer instead of fresh ones.
+          into buffers allocated once for the step (`StepBuffers`), so the same few
+          kilobytes are written every layer instead of fresh ones.
         Attention is `ops.causal_attention` itself. `tests/test_llama.py` checks the
         logits against `__call__`, in float32 and float64.
         """
-        c = self.config
-        if not 0 <= token < c.vocab_size:
-            raise ValueError(f"token id out of range [0, {c.vocab_size})")
-        NH, NKV, HD, F, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps
-        QK = (NH + NKV) * HD  # the query and key rows of qkv
-        b = cache.decode_buffers(c)
-        pos = cache.pos
-        cos, sin = self.rope_tables(pos, 1)  # [1, HD] x2
-        R = ops.rope_matrix(cos[0], sin[0])  # [HD, HD]
-
-        h = self.embed_tokens[token].astype(self.dtype)  # [D], the residual stream (a copy)
-        for i, layer in enumerate(self.layers):
-            np.matmul(layer.qkv_proj, ops.rms_norm_row(h, layer.input_layernorm, eps, out=b.x), out=b.qkv)
-            if layer.qkv_bias is not None:
-                b.qkv += layer.qkv_bias
-            np.matmul(b.qkv[:QK].reshape(NH + NKV, HD), R, out=b.qk)  # q and k rotated
-            keys, values = cache.update(i, b.qk[None, NH:], b.qkv[QK:].reshape(1, NKV, HD))  # [S, NKV, HD] x2
-            a = ops.causal_attention(b.qk[None, :NH], keys, values, pos)  # [1, NH, HD]
-            h += np.matmul(layer.o_proj, a.reshape(NH * HD), out=b.out)  # [D]
-            if layer.o_bias is not None:
-                h += layer.o_bias
-
-            np.matmul(layer.gate_up_proj, ops.rms_norm_row(h, layer.post_attention_layernorm, eps, out=b.x), out=b.gate_up)
-            if layer.gate_up_bias is not None:
-                b.gate_up += layer.gate_up_bias
-            act = ops.silu(b.gate_up[:F], out=b.act)  # [F]
-            act *= b.gate_up[F:]
-            h += np.matmul(layer.down_proj, act, out=b.out)  # [D]
-            if layer.down_bias is not None:
-                h += layer.down_bias
-        cache.advance(1)
-        logits = np.empty((1, c.vocab_size), dtype=self.dtype)  # [1, V]
-        return self.head_rows([ops.rms_norm_row(h, self.norm, eps, out=b.x)], logits)[0]  # [V], by blocks of rows
+        tokens, caches = check_batch(self.config, [token], [cache], "invariant")
+        return self._decode_rows(tokens, caches)[0]  # [V]
 
     # ---------------------------------------------------------------- many sequences
 
@@ -395,45 +360,55 @@ class Llama:
         step = self._decode_rows if mode == "invariant" else self._decode_gemm
         return step(tokens, caches)
 
-    def _decode_rows(self, tokens, caches):  # [B] -> [B, V], each row as `decode` computes it
+    def _decode_rows(self, tokens, caches):  # [B] -> [B, V], row b as `decode(tokens[b], caches[b])`
+        """The invariant step. Every product that mixes numbers of one sequence is a call
+        of that sequence's own, the same whatever the batch: the four matrix-vector
+        products (`W @ x[b]`, B of them back to back, so the matrix is read from memory
+        once and from the caches B - 1 times), RMSNorm's dot product, RoPE's rotation and
+        attention. Only elementwise arithmetic (the residual adds, RMSNorm's scaling,
+        SwiGLU, the biases), where each output element is one IEEE operation on its own
+        inputs, runs over the [B, ...] rows at once: the same bits, in fewer calls."""
         c = self.config
         NH, NKV, HD, F, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps
-        QK = (NH + NKV) * HD
+        QK = (NH + NKV) * HD  # the query and key rows of qkv
         B = len(tokens)
-        bufs = [cache.decode_buffers(c) for cache in caches]
+        b = StepBuffers.allocate(c, B, self.dtype)
         Rs = [self.rope_matrix(cache.pos) for cache in caches]  # [HD, HD] each
-        hs = [self.embed_tokens[token].astype(self.dtype) for token in tokens]  # [D] each, the residual streams
+        h = np.ascontiguousarray(self.embed_tokens[list(tokens)].astype(self.dtype))  # [B, D], the residual streams
         rows = range(B)
         for i, layer in enumerate(self.layers):
-            for h, b in zip(hs, bufs):  # each matrix B times in a row, while it is in the caches
-                np.matmul(layer.qkv_proj, ops.rms_norm_row(h, layer.input_layernorm, eps, out=b.x), out=b.qkv)
-                if layer.qkv_bias is not None:
-                    b.qkv += layer.qkv_bias
-            attended = []
-            for b, R, cache in zip(bufs, Rs, caches):
-                np.matmul(b.qkv[:QK].reshape(NH + NKV, HD), R, out=b.qk)  # q and k rotated
-                keys, values = cache.update(i, b.qk[None, NH:], b.qkv[QK:].reshape(1, NKV, HD))  # [S, NKV, HD] x2
-                attended.append(ops.causal_attention(b.qk[None, :NH], keys, values, cache.pos))  # [1, NH, HD]
+            x = ops.rms_norm_rows(h, layer.input_layernorm, eps, out=b.x)  # [B, D]
+            for r in rows:  # the matrix B times in a row, while it is in the caches
+                np.matmul(layer.qkv_proj, x[r], out=b.qkv[r])
+            if layer.qkv_bias is not None:
+                b.qkv += layer.qkv_bias
+            attended = []  # B x [NH*HD]
+            for r, (R, cache) in enumerate(zip(Rs, caches)):
+                qk = np.matmul(b.qkv[r, :QK].reshape(NH + NKV, HD), R, out=b.qk[r])  # q and k rotated
+                keys, values = cache.update(i, qk[None, NH:], b.qkv[r, QK:].reshape(1, NKV, HD))  # [S, NKV, HD] x2
+                attended.append(ops.causal_attention(qk[None, :NH], keys, values, cache.pos).reshape(NH * HD))
             for r in rows:
-                hs[r] += np.matmul(layer.o_proj, attended[r].reshape(NH * HD), out=bufs[r].out)  # [D]
-                if layer.o_bias is not None:
-                    hs[r] += layer.o_bias
-            for h, b in zip(hs, bufs):
-                np.matmul(layer.gate_up_proj, ops.rms_norm_row(h, layer.post_attention_layernorm, eps, out=b.x),
-                          out=b.gate_up)
-                if layer.gate_up_bias is not None:
-                    b.gate_up += layer.gate_up_bias
-            for h, b in zip(hs, bufs):
-                act = ops.silu(b.gate_up[:F], out=b.act)  # [F]
-                act *= b.gate_up[F:]
-                h += np.matmul(layer.down_proj, act, out=b.out)  # [D]
-                if layer.down_bias is not None:
-                    h += layer.down_bias
+                np.matmul(layer.o_proj, attended[r], out=b.out[r])
+            h += b.out
+            if layer.o_bias is not None:
+                h += layer.o_bias
+
+            x = ops.rms_norm_rows(h, layer.post_attention_layernorm, eps, out=b.x)
+            for r in rows:
+                np.matmul(layer.gate_up_proj, x[r], out=b.gate_up[r])
+            if layer.gate_up_bias is not None:
+                b.gate_up += layer.gate_up_bias
+            act = ops.silu(b.gate_up[:, :F], out=b.act)  # [B, F]
+            act *= b.gate_up[:, F:]
+            for r in rows:
+                np.matmul(layer.down_proj, act[r], out=b.out[r])
+            h += b.out
+            if layer.down_bias is not None:
+                h += layer.down_bias
         for cache in caches:
             cache.advance(1)
         logits = np.empty((B, c.vocab_size), dtype=self.dtype)  # [B, V]
-        self.head_rows([ops.rms_norm_row(h, self.norm, eps, out=b.x) for h, b in zip(hs, bufs)], logits)
-        return logits
+        return self.head_rows(ops.rms_norm_rows(h, self.norm, eps, out=b.x), logits)  # by blocks of the head's rows
 
     def _decode_gemm(self, tokens, caches):  # [B] -> [B, V], one product per matrix
         c = self.config
@@ -464,9 +439,9 @@ class Llama:
         return ops.rope_matrix(cos[0], sin[0])
 
     def head_rows(self, xs, out):  # B x [D] -> [B, V], written into out
-        """`lm_head @ x` for each x, by blocks of the head's rows: each block (a few MB)
-        is multiplied by every x while it is in the caches, so the head (113 MB on
-        SmolLM2) is read from memory once for the batch. `decode` takes its one row
+        """`lm_head @ x` for each x, by blocks of the head's rows: each block (under
+        16 MB) is multiplied by every x while it is in the L3 cache, so the head (113 MB
+        on SmolLM2) is read from memory once for the batch. `decode` takes its one row
         through here too, so a row's blocks are the same products alone or in a batch."""
         V, D = self.lm_head.shape
         rows = self.head_block_rows()
@@ -476,7 +451,11 @@ class Llama:
                 np.matmul(block, x, out=y[start : start + rows])
         return out
 
-    HEAD_BLOCK_BYTES = 4 << 20  # what one block of the head's rows may take
+    # What one block of the head's rows may take. SmolLM2, 2 cores of an AMD EPYC with a
+    # 32 MB L3, one step at 1 and 8 sequences, medians of 5 interleaved runs: 4 MB blocks
+    # (1024 rows) 34.7 / 110.3 ms, 16 MB (4096 rows, 9.4 MB) 32.6 / 104.3, 32 MB 32.8 /
+    # 104.7, 64 MB 33.3 / 130.9 (a block no longer stays in the L3 across the 8 rows).
+    HEAD_BLOCK_BYTES = 16 << 20
 
     def head_block_rows(self) -> int:
         """Rows of the head per block: the largest power of two (at least 64) whose rows

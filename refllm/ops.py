@@ -31,11 +31,14 @@ def rms_norm(x, weight, eps):  # [..., D], [D] -> [..., D]
     return x / np.sqrt(ms + eps) * weight
 
 
-def rms_norm_row(x, weight, eps, out):  # [D], [D] -> [D], written into out
-    """rms_norm of a single row, as a decode step has it: the mean square is one dot
-    product and the scale a Python float (float64), so three NumPy calls in all."""
-    inv_rms = 1 / math.sqrt(float(np.dot(x, x)) / x.shape[0] + eps)
-    np.multiply(x, x.dtype.type(inv_rms), out=out)
+def rms_norm_rows(x, weight, eps, out):  # [B, D], [D] -> [B, D], written into out
+    """rms_norm of the rows of a decode step, one row per sequence: each row's mean
+    square is a dot product of its own (BLAS's, the same call whatever the other rows)
+    and its scale a Python float (float64) rounded to x's dtype; the scaling is then two
+    elementwise passes over all the rows."""
+    D = x.shape[-1]
+    scale = np.array([1 / math.sqrt(float(np.dot(row, row)) / D + eps) for row in x], dtype=x.dtype)  # [B]
+    np.multiply(x, scale[:, None], out=out)
     out *= weight
     return out
 

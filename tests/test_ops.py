@@ -26,13 +26,16 @@ def test_rope_matrix_is_rope_at_one_position(HD, position):
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-6), (np.float64, 1e-15)])
-def test_rms_norm_row_is_rms_norm_of_one_row(dtype, tol):
+def test_rms_norm_rows_is_rms_norm_and_each_row_its_own(dtype, tol):
     rng = np.random.default_rng(7)
-    x, w = rng.standard_normal(576).astype(dtype) * 3, rng.standard_normal(576).astype(dtype)  # [D] x2
+    x, w = rng.standard_normal((5, 576)).astype(dtype) * 3, rng.standard_normal(576).astype(dtype)  # [B, D], [D]
     out = np.empty_like(x)
-    got = ops.rms_norm_row(x, w, 1e-5, out=out)  # [D]
+    got = ops.rms_norm_rows(x, w, 1e-5, out=out)  # [B, D]
     assert got is out and got.dtype == dtype
-    np.testing.assert_allclose(got, ops.rms_norm(x[None], w, 1e-5)[0], rtol=tol, atol=tol)
+    np.testing.assert_allclose(got, ops.rms_norm(x, w, 1e-5), rtol=tol, atol=tol)
+    for r in range(5):  # a row alone is the same bits as in the batch (decode_batch's invariance rests on it)
+        alone = ops.rms_norm_rows(x[r : r + 1].copy(), w, 1e-5, out=np.empty((1, 576), dtype))
+        np.testing.assert_array_equal(alone[0], got[r])
 
 
 def test_float32_erf_is_within_4_2e_7_of_the_exact_erf():
