@@ -351,14 +351,21 @@ class Llama:
         step and is faster again at large B, but its rows differ from `decode`'s by
         float rounding: within 1e-5 (float32) or 1e-13 (float64) of the row's largest
         |logit| (`tests/test_batch_invariance.py` holds it to that; seen: 5e-7 and 1e-15),
-        so a greedy choice changes only at a near tie. Attention is per sequence in
+        so a greedy choice changes only at a near tie. Below THROUGHPUT_MIN_BATCH rows it
+        takes the invariant step, which is faster there. Attention is per sequence in
         both modes.
         """
         tokens, caches = check_batch(self.config, tokens, caches, mode)
         if not tokens:
             return np.empty((0, self.config.vocab_size), dtype=self.dtype)
-        step = self._decode_rows if mode == "invariant" else self._decode_gemm
-        return step(tokens, caches)
+        gemm = mode == "throughput" and len(tokens) >= self.THROUGHPUT_MIN_BATCH
+        return (self._decode_gemm if gemm else self._decode_rows)(tokens, caches)
+
+    # The smallest batch the throughput mode multiplies as one matrix. OpenBLAS's gemm at
+    # 2 rows is slower than 2 matrix-vector products: SmolLM2, 2 cores of an AMD EPYC,
+    # `refllm bench --streams 1,2,4,8`, three runs: 2 streams 43-44 tok/s in rows, 29-32
+    # as a gemm; 4 streams 50-60 either way; 8 streams 70-81 in rows, 92-98 as a gemm.
+    THROUGHPUT_MIN_BATCH = 4
 
     def _decode_rows(self, tokens, caches):  # [B] -> [B, V], row b as `decode(tokens[b], caches[b])`
         """The invariant step. Every product that mixes numbers of one sequence is a call

@@ -597,7 +597,9 @@ def test_biases_in_decode_and_decode_batch(family_dir):
 
     family, d = family_dir
     model = Llama.from_pretrained(d)
-    prompts = [[5, 17, 33], [8, 2, 40, 41, 9]]
+    prompts = [[5, 17, 33], [8, 2, 40, 41, 9], [3], [12, 12, 6, 1]]  # THROUGHPUT_MIN_BATCH rows: its gemm runs
+    tokens = [7, 11, 4, 30]
+    assert len(prompts) >= Llama.THROUGHPUT_MIN_BATCH
     caches = [model.new_cache(16) for _ in prompts]
     for ids, cache in zip(prompts, caches):
         model(ids, cache, last_only=True)
@@ -605,8 +607,8 @@ def test_biases_in_decode_and_decode_batch(family_dir):
         copies = [model.new_cache(16) for _ in prompts]
         for ids, cache in zip(prompts, copies):
             model(ids, cache, last_only=True)
-        batch = model.decode_batch([7, 11], copies, mode=mode)  # [2, V]
-        for r, (ids, token) in enumerate(zip(prompts, [7, 11])):
+        batch = model.decode_batch(tokens, copies, mode=mode)  # [4, V]
+        for r, (ids, token) in enumerate(zip(prompts, tokens)):
             np.testing.assert_allclose(batch[r], model(ids + [token])[-1], rtol=0, atol=1e-4)
-    for r, (ids, token) in enumerate(zip(prompts, [7, 11])):
+    for r, (ids, token) in enumerate(zip(prompts, tokens)):
         np.testing.assert_allclose(model.decode(token, caches[r]), model(ids + [token])[-1], rtol=0, atol=1e-4)

@@ -121,13 +121,15 @@ def test_llama_cached_decoding_matches_the_reference(tiny_llama, dtype):
 @pytest.mark.parametrize("mode", ["invariant", "throughput"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 def test_llama_decode_batch_matches_the_reference(tiny_llama, dtype, mode):
-    """Llama.decode_batch (continuous batching): three sequences at different positions,
-    stepped together, against the reference decoding each alone."""
+    """Llama.decode_batch (continuous batching): four sequences at different positions
+    (the throughput mode's smallest gemm batch), stepped together, against the reference
+    decoding each alone."""
     name, d = tiny_llama
     V = TINY_CONFIGS[name]["vocab_size"]
     fast, ref = refllm.Llama.from_pretrained(d, dtype=dtype), reference.Llama.from_pretrained(d, dtype=dtype)
     rng = np.random.default_rng(5)
-    prompts = [list(rng.integers(0, V, size=n)) for n in (3, 9, 1)]
+    prompts = [list(rng.integers(0, V, size=n)) for n in (3, 9, 1, 6)]
+    assert len(prompts) >= refllm.Llama.THROUGHPUT_MIN_BATCH
     fcs, rcs = [fast.new_cache(32) for _ in prompts], [ref.new_cache(32) for _ in prompts]
     for p, fc, rc in zip(prompts, fcs, rcs):
         fast(p, fc), ref(p, rc)
