@@ -335,9 +335,10 @@ class Llama:
         continuous-batching scheduler calls this with whichever are live). Two modes:
 
         "invariant" (the default): row b is bit for bit `self.decode(tokens[b],
-        caches[b])`, whatever else is in the batch. Each row's every product is the
-        very call the single step makes (`W @ x` into the same buffers); what batching
-        changes is the order. The B matrix-vector products with a matrix run back to back,
+        caches[b])`, whatever else is in the batch: `decode` is this step for a batch of
+        one, and no number of a row depends on the other rows or on how many there are
+        (`_decode_rows`); batching changes only the order of the work. The B
+        matrix-vector products with a matrix run back to back,
         so the first reads it from memory and the other B - 1 mostly from the caches (a
         layer's matrices are 1-7 MB on SmolLM2, the shared L3 32 MB), and the head, too
         large for any cache, is taken by blocks of rows (`head_rows`), each block read
