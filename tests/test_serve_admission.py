@@ -1,8 +1,10 @@
 """`refllm serve` under attack and overload: issue 14's defects D1-D8 and the minor ones.
 
 Each test here failed against the server before issue 14 (the failure it showed is in
-its docstring). The requests are tiny (a token or two, or none); the few that need
-the model busy keep it busy with one long generation.
+its docstring). Most requests are tiny (a token or two, or none); the few tests that need
+the model busy keep it busy with one long generation or a 3,000-text embedding. The
+D4-D6 checks measure the server against its own work (a ratio of times, a count of
+chunks), not against a fixed number of seconds, so that a slow machine does not fail them.
 """
 
 from __future__ import annotations
@@ -126,38 +128,58 @@ def test_d3_x_forwarded_for_is_trusted_only_from_named_proxies(models_root, trus
 # ----------------------------------------------------------------------------- D4
 
 def test_d4_a_short_request_overtakes_a_big_embedding_and_a_gone_client_stops_it(models_root):
-    """Before: an embedding request was one unit of compute; a 1-token /infer sent during
-    100k texts had no answer after 80 s, and the work went on after its client left."""
+    """Before: an embedding request was one unit of compute. A 1-token /infer sent while
+    3,000 texts were embedded waited for nearly all of them (7.35 s of the embedding's
+    7.94 s; with 100k texts it had no answer after 80 s), and the work went on after its
+    client left (2.0 CPU s a second, as busy as before; a fresh /infer waited 5.9 s).
+
+    Now the embedding runs a chunk at a time, round robin with the other requests' steps:
+    the short request is answered within a small fraction of the embedding's time, while
+    most of its chunks are still to compute; and when its client leaves, no further
+    chunk is computed and the process goes idle."""
     texts = [f"text number {i} about nothing in particular" for i in range(3000)]
     with ServerThread(ServerConfig(models_dir=models_root, max_client_batch=len(texts))) as s:
         post(s, "/embed", {"input": ["warm"]})
         post(s, "/infer", {"prompt": "Hi", "options": {"maxTokens": 1}})
         stats = s.engine.stats
-        units = stats["units"]
+        units0 = stats["units"]  # one unit: one embedding chunk, or one sampled token
 
         async def main():
             async with httpx.AsyncClient(base_url=s.url, timeout=600) as c:
+                cpu0, t_big = time.process_time(), time.monotonic()
                 big = asyncio.create_task(c.post("/embed", content=json.dumps({"input": texts})))
-                await asyncio.to_thread(wait_until, lambda: stats["units"] > units + 3)  # chunks running
+                await asyncio.to_thread(wait_until, lambda: stats["units"] > units0 + 3)  # chunks running
                 t0 = time.monotonic()
                 short = await c.post("/infer", content=json.dumps({"prompt": "Hi", "options": {"maxTokens": 1}}))
-                short_done = time.monotonic()
+                short_s, units_at_short = time.monotonic() - t0, stats["units"]
                 assert short.status_code == 200 and not big.done()
                 r = await big
-                return short_done - t0, time.monotonic() - t0, r
+                big_s = time.monotonic() - t_big
+                return short_s, units_at_short, big_s, (time.process_time() - cpu0) / big_s, r
 
-        short_s, big_s, r = asyncio.run(main())
+        short_s, units_at_short, big_s, cpu_busy, r = asyncio.run(main())
         assert r.status_code == 200 and len(r.json()["embeddings"]) == len(texts)
-        assert short_s < big_s
-        print(f"\n1-token /infer during a {len(texts)}-text embedding: {short_s:.2f} s (the embedding: {big_s:.2f} s)")
+        chunks = stats["units"] - units0 - 1  # less the short request's one token
+        chunks_before_short = units_at_short - units0 - 1
+        print(f"\n1-token /infer during a {len(texts)}-text embedding: {short_s:.2f} s, after "
+              f"{chunks_before_short} of its {chunks} chunks (the embedding: {big_s:.2f} s, "
+              f"{cpu_busy:.2f} CPU s a second)")
+        assert short_s < 0.25 * big_s  # before: 0.93 of it
+        assert chunks_before_short < 0.25 * chunks
 
-        # a client that leaves: its remaining chunks are not computed
+        # a client that leaves a tenth of the way in: its remaining chunks are not computed
+        units0 = stats["units"]
         with pytest.raises(httpx.ReadTimeout):
-            post(s, "/embed", {"input": texts}, timeout=1.5)
-        wait_until(lambda: not s.engine.scheduler.embedding, timeout=30)
-        units = stats["units"]
+            post(s, "/embed", {"input": texts}, timeout=big_s / 10)
+        wait_until(lambda: not s.engine.scheduler.embedding, timeout=30)  # dropped after the chunk in hand
+        left_units = stats["units"]
+        time.sleep(0.5)  # BLAS threads spin a little after their last product
+        cpu0, t0 = time.process_time(), time.monotonic()
         time.sleep(1.0)
-        assert stats["units"] == units
+        cpu_after = (time.process_time() - cpu0) / (time.monotonic() - t0)
+        print(f"client gone after {left_units - units0} of {chunks} chunks; then {cpu_after:.3f} CPU s a second")
+        assert left_units - units0 < chunks / 2 and stats["units"] == left_units
+        assert cpu_after < 0.25 * cpu_busy  # before: 2.0 against 1.9, the embedding went on
 
 
 # ----------------------------------------------------------------------------- D5
@@ -189,7 +211,17 @@ def test_d5_health_answers_while_a_2_mb_prompt_is_tokenized(models_root):
         assert len(latencies) >= 3 and max(latencies) < max(1.0, elapsed / 4)
 
 
-def test_d5_a_large_embedding_answer_is_encoded_off_the_loop():
+def test_d5_a_large_embedding_answer_is_encoded_off_the_loop(models_root):
+    """Before: the answer to a 3,000-text embedding (1.15M numbers, 24 MB of JSON) was
+    encoded on the event loop in one json.dumps call, which holds the GIL throughout:
+    nothing else was served meanwhile (the loop stalled 0.99 s, where one json.dumps of
+    the answer took 0.83 s; /health waited 1.1-1.3 s).
+
+    Now it is encoded in the loader pool a row at a time (`dumps_rows`,
+    `dumps_object_rows`, byte for byte `dumps`'s output): the server's event loop never
+    stalls for as long as half the time one json.dumps of the answer takes. The probe is
+    a task on the server's own loop that sleeps 10 ms at a time and records how late it
+    wakes."""
     from refllm.serve.bodies import dumps, dumps_object_rows, dumps_rows
 
     rows = [[0.1 * i, -1e-7, 3.0] for i in range(50)]
@@ -197,23 +229,73 @@ def test_d5_a_large_embedding_answer_is_encoded_off_the_loop():
     obj = {"object": "list", "data": [{"embedding": r, "index": i} for i, r in enumerate(rows)], "usage": {"n": 1}}
     assert dumps_object_rows(obj, "data") == dumps(obj)
 
+    texts = [f"t{i}" for i in range(3000)]  # short texts: little compute, a large answer
+    with ServerThread(ServerConfig(models_dir=models_root, max_client_batch=len(texts))) as s:
+        post(s, "/embed", {"input": ["warm"]})
+        lags, stop = [], threading.Event()
+
+        async def probe():
+            loop = asyncio.get_running_loop()
+            while not stop.is_set():
+                t = loop.time()
+                await asyncio.sleep(0.01)
+                lags.append(loop.time() - t - 0.01)
+
+        running = asyncio.run_coroutine_threadsafe(probe(), s.server.servers[0].get_loop())
+        r = post(s, "/embed", {"input": texts})
+        stop.set()
+        running.result(timeout=30)  # before parsing the answer here, which holds this process's GIL too
+        assert r.status_code == 200
+        answer = r.json()
+        assert len(answer["embeddings"]) == len(texts)
+        t = time.monotonic()
+        json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        encode_s = time.monotonic() - t
+        print(f"\n{len(texts)}-text embedding, {len(r.content) / 1e6:.1f} MB: the server's loop was at most "
+              f"{max(lags):.3f} s late ({len(lags)} wakes); one json.dumps of the answer: {encode_s:.2f} s")
+        assert len(lags) >= 10 and max(lags) < encode_s / 2
+
 
 # ----------------------------------------------------------------------------- D6, D7
 
 def test_d6_abandoned_requests_leave_the_queue(models_root):
-    """Before: 100 requests whose clients gave up stayed queued; a fresh one took 67 s."""
-    with ServerThread(ServerConfig(models_dir=models_root, max_batch=1)) as s, Busy(s):
-        async def abandon():
-            async with httpx.AsyncClient(base_url=s.url, timeout=1.0,
-                                         limits=httpx.Limits(max_connections=100)) as c:
-                body = json.dumps({"prompt": "Hi", "options": {"maxTokens": 1}})
-                results = await asyncio.gather(*(c.post("/infer", content=body) for _ in range(40)),
-                                               return_exceptions=True)
-            assert all(isinstance(r, httpx.TimeoutException) for r in results), results[:3]
+    """Before: a request whose client gave up stayed queued and was computed in its turn
+    (100 such: a fresh request took 67 s; 20 with ~1,000-token prompts, queued behind a
+    long generation, left the queue 82 s after their clients did, where one of them
+    takes 4.6 s to answer).
 
-        asyncio.run(abandon())
-        wait_until(lambda: s.engine.scheduler.queued == 0, timeout=5)
-        assert httpx.get(s.url + "/health").json()["queued"] == 0
+    Now a queued request leaves the queue as soon as its client disconnects: 20 abandoned
+    long prompts are gone before the server could have computed even one of them, while
+    the long generation ahead of them is still running (none of them was admitted)."""
+    prompts = [f"{i}: " + "The quick brown fox jumps over the lazy dog. " * 100 for i in range(20)]  # ~1,000 tokens
+    with ServerThread(ServerConfig(models_dir=models_root, max_batch=1)) as s:
+        post(s, "/infer", {"prompt": "Hi", "options": {"maxTokens": 0}})  # model loaded
+        t = time.monotonic()
+        assert post(s, "/infer", {"prompt": prompts[-1], "options": {"maxTokens": 1}}).status_code == 200
+        one_s = time.monotonic() - t  # one of them, on the idle server
+        cancelled = s.engine.stats["cancelled"]
+        with Busy(s) as busy:
+            async def abandon():
+                async with httpx.AsyncClient(base_url=s.url, timeout=300,
+                                             limits=httpx.Limits(max_connections=100)) as c:
+                    tasks = [asyncio.create_task(c.post("/infer", content=json.dumps(
+                        {"prompt": p, "options": {"maxTokens": 1}}))) for p in prompts]
+                    await asyncio.to_thread(wait_until, lambda: s.engine.scheduler.queued == len(prompts))
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                # the client is closed: every connection is gone
+
+            asyncio.run(abandon())
+            left = time.monotonic()
+            wait_until(lambda: s.engine.scheduler.queued == 0, timeout=max(30.0, 10 * one_s))
+            drain_s = time.monotonic() - left
+            still_running = len(s.engine.scheduler.running) == 1 and busy.thread.is_alive()
+            print(f"\n{len(prompts)} abandoned prompts left the queue in {drain_s:.2f} s "
+                  f"(one of them takes {one_s:.2f} s to answer)")
+            assert drain_s < one_s and still_running
+            assert s.engine.stats["cancelled"] - cancelled == len(prompts)
+            assert httpx.get(s.url + "/health").json()["queued"] == 0
 
 
 def test_d7_overload_is_answered_in_each_dialect(models_root):
