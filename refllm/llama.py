@@ -338,11 +338,11 @@ class Llama:
         caches[b])`, whatever else is in the batch: `decode` is this step for a batch of
         one, and no number of a row depends on the other rows or on how many there are
         (`_decode_rows`); batching changes only the order of the work. The B
-        matrix-vector products with a matrix run back to back,
-        so the first reads it from memory and the other B - 1 mostly from the caches (a
-        layer's matrices are 1-7 MB on SmolLM2, the shared L3 32 MB), and the head, too
-        large for any cache, is taken by blocks of rows (`head_rows`), each block read
-        once for the whole batch. A decode step is bound by reading the weights, so B
+        matrix-vector products with a matrix run back to back, so the first reads it
+        from memory and the other B - 1 mostly from the caches (a layer's matrices are
+        1-7 MB on SmolLM2, the shared L3 32 MB), and the head, too large for any cache,
+        is taken by blocks of rows (`head_rows`), each block read once for the whole
+        batch. A decode step is bound by reading the weights, so B
         steps cost far less than B single steps. (A plain `X @ W.T` over the B rows is
         not invariant: BLAS picks its kernel and its summation order by the number of
         rows, and row 0 of a 2-row product differs from the 1-row one in the last bits.)
